@@ -1,0 +1,277 @@
+"""One typed configuration tree, loaded from YAML with dotted overrides.
+
+Every section is a dataclass whose fields carry their meaning in a comment. Loading checks every
+key and type and runs each section's validation, so a bad value fails with an error that names the
+file, the dotted key and what was expected, before anything expensive starts. The resolved config
+(defaults filled in, derived values computed) serialises back to YAML/JSON and loads to an equal
+object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or invalid. The message names the key."""
+
+    def __init__(self, key: str, message: str, source: str | None = None):
+        self.key, self.detail, self.source = key, message, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: {message}")
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder and of the Free Transformer's latent plan."""
+
+    arch: Literal["baseline", "free_transformer"] = "free_transformer"
+    vocab_size: int = 256
+    hidden_dim: int = 256  # D, the residual width
+    num_layers: int = 8  # L decoder blocks (the FT's encoder adds one block of its own)
+    num_heads: int = 8
+    num_key_value_heads: int | None = None  # GQA; None -> num_heads
+    intermediate_size: int | None = None  # SwiGLU width; None -> ~8/3 D rounded up to 32
+    max_seq_len: int = 512  # longest sequence (prompt + generation) RoPE and caches cover
+    dropout: float = 0.0
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02  # std of linear and embedding weights
+    # Free Transformer
+    latent_bits: int = 16  # H: one code in [0, 2^H) per token
+    free_bits: float = 0.5  # kappa in bits per token (the paper's unit); nats = bits * ln 2
+    inject_layer: int | None = None  # 0-based injection block; None -> num_layers // 2
+    latent_init: Literal["normal", "zero"] = "normal"  # init of the post-sampler table W
+    latent_init_std: float = 1.0  # std of W when latent_init == "normal"
+    mapper_chunk_elems: int = 1 << 22  # bound on (tokens x codes) floats per chunk in the mapper
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 32 * math.ceil(8 * self.hidden_dim / 3 / 32)
+        if self.inject_layer is None:
+            self.inject_layer = self.num_layers // 2
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_dim", "num_layers", "num_heads", "num_key_value_heads",
+                     "intermediate_size", "max_seq_len", "mapper_chunk_elems"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check(self.hidden_dim % self.num_heads == 0, "num_heads",
+               f"must divide hidden_dim={self.hidden_dim}, got {self.num_heads}")
+        _check((self.hidden_dim // self.num_heads) % 2 == 0, "num_heads",
+               f"head dim hidden_dim/num_heads={self.hidden_dim / self.num_heads:g} must be even for RoPE")
+        _check(self.num_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+               f"must divide num_heads={self.num_heads}, got {self.num_key_value_heads}")
+        _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        _check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        _check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
+        _check(1 <= self.latent_bits <= 20, "latent_bits", f"must be in [1, 20], got {self.latent_bits}")
+        _check(self.free_bits >= 0 and math.isfinite(self.free_bits), "free_bits",
+               f"must be a finite number of bits >= 0, got {self.free_bits}")
+        _check(self.num_layers >= 2, "num_layers",
+               f"must be >= 2 (a first half and an injection block), got {self.num_layers}")
+        _check(1 <= self.inject_layer < self.num_layers, "inject_layer",
+               f"must be in [1, num_layers-1={self.num_layers - 1}], got {self.inject_layer}")
+        _check(self.latent_init_std >= 0, "latent_init_std", f"must be >= 0, got {self.latent_init_std}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.num_heads
+
+    @property
+    def free_nats(self) -> float:
+        """kappa in nats, the unit the loss uses."""
+        return self.free_bits * math.log(2)
+
+
+@dataclass
+class Config:
+    """The root of the tree. Later sections (data, train, ...) hang here too."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, serialisation
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        (arg, *_) = typing.get_args(tp) or (Any,)
+        return f"a list of {_type_name(arg)}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} keys"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _from_dict(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (arg, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(key, f"unknown key (known keys of {cls.__name__}: {known})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # validation inside the section: make the key absolute
+        key = f"{prefix}.{e.key}" if prefix else e.key
+        raise ConfigError(key, e.detail) from None
+
+
+def from_dict(cls: type, data: dict, source: str | None = None) -> Any:
+    """Build the dataclass `cls` from plain data, checking keys, types and values."""
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", f"expected a mapping, got {type(data).__name__}", source)
+    try:
+        return _from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(e.key, e.detail, source) from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps(to_dict(cfg), indent=2)
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
+    """Apply `a.b=c` overrides to nested plain data. Values are parsed as YAML scalars."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like key.path=value", source)
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, f"'{part}' is not a section", source)
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                cls: type = Config) -> Any:
+    """Load `cls` from a YAML file (or defaults when `path` is None) plus dotted overrides."""
+    data: Any = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("<file>", "config file not found", source)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("<file>", f"not valid YAML: {e}", source) from None
+        if not isinstance(data, dict):
+            raise ConfigError("<root>", f"expected a mapping, got {type(data).__name__}", source)
+    if overrides:
+        where = source if path is not None else "--set"
+        try:
+            data = apply_overrides(data, overrides, where)
+        except ConfigError:
+            raise
+        source = f"{source} with --set {' '.join(overrides)}" if path is not None else "--set"
+    return from_dict(cls, data, source)

@@ -1,0 +1,179 @@
+"""The Llama-style baseline decoder, and the machinery the Free Transformer reuses.
+
+`BaselineTransformer` runs its blocks through `_forward_tokens`, which accepts a `latent_fn`:
+given the residual X entering the injection block, it returns R, and that block then takes its
+keys/values from X + R. The baseline never passes one, so it is exactly a plain decoder; the
+Free Transformer supplies it (encoder + mapper in training, fixed codes in generation).
+Generation (prefill, one-token decode with a preallocated KV cache, sampling) lives here too, so
+both models share it; the FT only decides the plan (its codes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ft_ray.config import ModelConfig
+from ft_ray.model.layers import Block, KVCache, RMSNorm, rope_tables
+from ft_ray.model.sampling import sample_next
+
+LatentFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    z: torch.Tensor | None = None  # (B, T) int64 codes used (FT only)
+    z_logits: torch.Tensor | None = None  # (B, T, H) posterior logits (FT, when Z came from the encoder)
+    kl: torch.Tensor | None = None  # (B, T) KL(Q || uniform) per token, nats
+
+
+class BaselineTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self._build(cfg)
+        self.reset_parameters()
+
+    def _build(self, cfg: ModelConfig) -> None:
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_dim, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_len, hd/2), fp32
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    # ------------------------------------------------------------------ initialisation, sizes
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)  # residual projections, GPT-2 style
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norms keep their ones; the FT initialises its own vectors
+            is_out = name.endswith(("attn.wo.weight", "mlp.w2.weight"))
+            nn.init.normal_(p, mean=0.0, std=out_std if is_out else std)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 N + 12 L D T for attention."""
+        t = seq_len or self.cfg.max_seq_len
+        n = self.num_params(exclude_embeddings=True) + (self.cfg.vocab_size * self.cfg.hidden_dim
+                                                         if self.cfg.tie_embeddings else 0)
+        return 6.0 * n + 12.0 * self.cfg.num_layers * self.cfg.hidden_dim * t
+
+    # ------------------------------------------------------------------ forward
+    def _rope(self, pos: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if pos + length > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {pos + length} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        return self.rope_cos[pos:pos + length], self.rope_sin[pos:pos + length]
+
+    def _forward_tokens(self, tokens: torch.Tensor, latent_fn: LatentFn | None = None,
+                        caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
+        """tokens (B, T) at positions pos..pos+T-1 -> logits (B, T, V)."""
+        x = self.embed(tokens)  # (B, T, D)
+        cos, sin = self._rope(pos, tokens.shape[1])
+        for i, block in enumerate(self.blocks):
+            kv_input = None
+            if latent_fn is not None and i == self.cfg.inject_layer:
+                kv_input = x + latent_fn(x, cos, sin)  # queries from X, keys/values from X + R
+            x = block(x, cos, sin, kv_input=kv_input, cache=caches[i] if caches else None, pos=pos)
+        return self.lm_head(self.norm(x))
+
+    def forward(self, tokens: torch.Tensor, z: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> ModelOutput:
+        if z is not None:
+            raise ValueError("the baseline has no latent: z must be None")
+        return ModelOutput(logits=self._forward_tokens(tokens))
+
+    # ------------------------------------------------------------------ objectives
+    @staticmethod
+    def _split(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if tokens.dim() != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"tokens must be (B, T+1) with T >= 1, got shape {tuple(tokens.shape)}")
+        return tokens[:, :-1], tokens[:, 1:]
+
+    @staticmethod
+    def _ce(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+    def loss(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """tokens (B, T+1); next-token cross-entropy in nats."""
+        inputs, targets = self._split(tokens)
+        ce = self._ce(self(inputs).logits, targets)
+        return {"loss": ce, "ce": ce}
+
+    @torch.no_grad()
+    def nll(self, tokens: torch.Tensor, num_samples: int = 1) -> torch.Tensor:
+        """Exact negative log-likelihood per token, nats (no latent to bound)."""
+        inputs, targets = self._split(tokens)
+        return self._ce(self(inputs).logits, targets)
+
+    # ------------------------------------------------------------------ generation
+    def make_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        p = self.embed.weight
+        return [KVCache(batch, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim, p.dtype, p.device)
+                for _ in self.blocks]
+
+    def _plan(self, prompt: torch.Tensor, max_new_tokens: int, plan, generator, shared_plan: bool):
+        """The baseline has no plan; the FT returns a `Plan` (see free_transformer.py)."""
+        if plan is not None or shared_plan:
+            raise ValueError("the baseline has no latent plan: plan must be None and shared_plan False")
+        return None
+
+    def _codes_fn(self, codes: torch.Tensor | None) -> LatentFn | None:
+        """The latent_fn that injects fixed codes (None for the baseline)."""
+        return None
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, plan=None,
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 return_plan: bool = False, shared_plan: bool = False):
+        """Sample `max_new_tokens` after `prompt` (B, T0). Returns (B, T0+N), or (tokens, z).
+
+        For the FT, `plan` fixes Z: None draws it with `generator`; an int seeds a generator of
+        its own that draws the prompt's Z (from the encoder) and the new Z (uniform prior); a
+        LongTensor gives codes for the new positions ((N,) or (B, N)) or for the whole sequence
+        ((T0+N,) or (B, T0+N)). `shared_plan=True` gives every row one whole plan, drawn once.
+        `z` is (B, T0+N) for the FT and None for the baseline.
+        """
+        if prompt.dim() == 1:
+            prompt = prompt.unsqueeze(0)
+        B, T0 = prompt.shape
+        if T0 < 1 or max_new_tokens < 0:
+            raise ValueError("need a non-empty prompt and max_new_tokens >= 0")
+        if T0 + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_seq_len={self.cfg.max_seq_len}")
+        plan_state = self._plan(prompt, max_new_tokens, plan, generator, shared_plan)
+        caches = self.make_caches(B, T0 + max_new_tokens) if use_cache else None
+        prefill_fn = plan_state.prefill_fn if plan_state is not None else None
+        logits = self._forward_tokens(prompt, prefill_fn, caches, pos=0)[:, -1]  # (B, V)
+        codes = plan_state.codes if plan_state is not None else None  # (B, T0+N), known after prefill
+        seq = prompt
+        for i in range(max_new_tokens):
+            tok = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            seq = torch.cat([seq, tok[:, None]], dim=1)
+            if i == max_new_tokens - 1:
+                break
+            if use_cache:
+                step_codes = None if codes is None else codes[:, T0 + i:T0 + i + 1]
+                logits = self._forward_tokens(tok[:, None], self._codes_fn(step_codes), caches,
+                                              pos=T0 + i)[:, -1]
+            else:  # full recompute with the same codes
+                cur = None if codes is None else codes[:, :seq.shape[1]]
+                logits = self._forward_tokens(seq, self._codes_fn(cur))[:, -1]
+        return (seq, codes) if return_plan else seq
