@@ -165,6 +165,8 @@ class FreeTransformer(BaselineTransformer):
             generator = torch.Generator(device=device).manual_seed(plan)
         prompt_codes = new_codes = None
         if isinstance(plan, torch.Tensor):
+            if plan.dtype.is_floating_point or plan.dtype == torch.bool:
+                raise ValueError(f"plan codes must be integers, got {plan.dtype}")
             codes = plan.to(device)
             if codes.dim() == 1:
                 codes = codes.unsqueeze(0).expand(B, -1)

@@ -1,0 +1,33 @@
+# ft-ray: `make demo` runs the main job, `make test` the whole suite, `make bench` the benchmarks.
+# Each target creates .venv when missing and installs the package with its dev extra into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS ?= 0
+
+.PHONY: install test lint demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m jobs.demo
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) results bench/results/*.json bench/results/*.md
