@@ -107,11 +107,106 @@ class ModelConfig:
         return self.free_bits * math.log(2)
 
 
+SYNTHETIC_TASKS = ("letters", "modes")
+
+
+@dataclass
+class DataConfig:
+    """Where training sequences come from and how they are batched."""
+
+    source: Literal["synthetic", "shards"] = "synthetic"
+    task: str = "letters"  # synthetic task generated on the fly (source: synthetic)
+    path: str | None = None  # shard directory written by `ft-ray data ...` (source: shards)
+    seq_len: int | None = None  # tokens per training sequence + 1; None -> from the task/manifest
+    batch_size: int = 32  # sequences per optimiser micro-step on each worker
+    shuffle_seed: int = 0  # shard order (reshuffled every epoch) and synthetic streams
+    val_fraction: float = 0.01  # share of documents held out (when writing shards)
+    num_train_sequences: int = 1 << 20  # synthetic: sequences per epoch
+    num_val_sequences: int = 512  # synthetic: validation sequences (fixed seed, disjoint stream)
+
+    def __post_init__(self) -> None:
+        if self.source == "synthetic":
+            _check(self.task in SYNTHETIC_TASKS, "task", f"expected one of {', '.join(SYNTHETIC_TASKS)}, got {self.task!r}")
+        else:
+            _check(bool(self.path), "path", "a shard directory is required when source is 'shards'")
+        _check(self.seq_len is None or self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        _check(self.num_train_sequences >= 1, "num_train_sequences", "must be >= 1")
+        _check(self.num_val_sequences >= 1, "num_val_sequences", "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then a single cosine decay to min_lr."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # decoupled; matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            _check(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
+        _check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+
+
+@dataclass
+class TrainConfig:
+    """The run: where it lives, how it is parallelised, how long, what it logs and saves."""
+
+    name: str = "ft-run"  # run name; re-running the same name resumes it
+    storage_path: str = "runs"  # run directories live in storage_path/name (every node must reach it)
+    num_workers: int = 2  # Ray Train workers; 0 runs the loop in-process (no cluster)
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None  # None: 1, or less on a small machine so Ray Data keeps CPUs
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile per block (GPU)
+    max_steps: int = 1000  # optimiser steps
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200  # steps between validation passes (and at the end)
+    eval_batches: int = 8  # validation batches per pass per worker
+    iwae_samples: int = 0  # > 1: also report the IWAE bound with this many samples
+    sample_groups: int = 4  # letter task: prompts whose sample groups are scored at each eval
+    checkpoint_every: int = 200  # steps between checkpoints (and at the end)
+    num_to_keep: int = 2
+    max_failures: int = 0  # worker-group restarts from the last checkpoint
+    export_bundle: bool = True  # write the serving bundle into the run directory at the end
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        _check(bool(self.storage_path), "storage_path", "must be a path")
+        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.cpus_per_worker is None or self.cpus_per_worker > 0, "cpus_per_worker",
+               f"must be > 0, got {self.cpus_per_worker}")
+        for name in ("max_steps", "grad_accum_steps", "log_every", "eval_every", "eval_batches",
+                     "checkpoint_every", "num_to_keep"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.iwae_samples >= 0, "iwae_samples", f"must be >= 0, got {self.iwae_samples}")
+        _check(self.sample_groups >= 0, "sample_groups", f"must be >= 0, got {self.sample_groups}")
+        _check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
+
+
 @dataclass
 class Config:
-    """The root of the tree. Later sections (data, train, ...) hang here too."""
+    """The root of the tree."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # ----------------------------------------------------------------------------------------------

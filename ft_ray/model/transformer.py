@@ -47,9 +47,8 @@ class BaselineTransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_len, hd/2), fp32
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # fp32 RoPE tables per device, kept out of buffers so `.to(bf16)` never rounds them
+        self._rope_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ initialisation, sizes
     def reset_parameters(self) -> None:
@@ -78,7 +77,12 @@ class BaselineTransformer(nn.Module):
     def _rope(self, pos: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if pos + length > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {pos + length} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        return self.rope_cos[pos:pos + length], self.rope_sin[pos:pos + length]
+        device = self.embed.weight.device
+        if device not in self._rope_cache:
+            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+            self._rope_cache[device] = (cos.to(device), sin.to(device))  # (max_len, hd/2) each
+        cos, sin = self._rope_cache[device]
+        return cos[pos:pos + length], sin[pos:pos + length]
 
     def _forward_tokens(self, tokens: torch.Tensor, latent_fn: LatentFn | None = None,
                         caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:

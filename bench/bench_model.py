@@ -1,0 +1,109 @@
+"""Model benchmarks (CPU, fp32): FT vs baseline training step, mapper memory, KV-cache generation.
+
+Targets (issue 2): FT/baseline step time <= (1 + 1/L) * 1.10 at H=8; the mapper never allocates
+B*T*2^H floats at once; KV-cache generation >= 5x full recompute for 256 new tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from bench.common import Row, median_time
+from ft_ray.config import ModelConfig
+from ft_ray.model import BaselineTransformer, FreeTransformer
+from ft_ray.model.latent import sample_and_embed
+
+SHAPE = dict(vocab_size=256, hidden_dim=256, num_layers=8, num_heads=8, max_seq_len=512)
+B, T = 8, 256
+
+
+def _step_fn(model, tokens):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model.loss(tokens)["loss"].backward()
+        opt.step()
+    return step
+
+
+def train_step_rows(repeats: int) -> list[Row]:
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 256, (B, T + 1))
+    base = BaselineTransformer(ModelConfig(arch="baseline", **SHAPE))
+    t_base = median_time(_step_fn(base, tokens), repeats)
+    rows = [Row("train step, baseline (L=8 D=256 T=256 B=8)", t_base * 1e3, "ms")]
+    bound = (1 + 1 / SHAPE["num_layers"]) * 1.10
+    for h in (8, 16):
+        ft = FreeTransformer(ModelConfig(latent_bits=h, **SHAPE))
+        t_ft = median_time(_step_fn(ft, tokens), repeats)
+        # where the FT's extra time goes: the mapper (sample, gather, eq. 8 backward) alone
+        logits = torch.randn(B, T, h, requires_grad=True)
+        weight = torch.randn(1 << h, SHAPE["hidden_dim"], requires_grad=True)
+        grad = torch.randn(B, T, SHAPE["hidden_dim"])
+        t_map = median_time(lambda lg=logits, w=weight, g=grad: sample_and_embed(lg, w)[0].backward(g), repeats)
+        rows.append(Row(f"train step FT/baseline, H={h}", t_ft / t_base, "x",
+                        f"<= {bound:.4f}" if h == 8 else "",
+                        f"FT {t_ft * 1e3:.0f} ms; mapper fwd+bwd {t_map * 1e3:.0f} ms "
+                        f"({100 * t_map / (t_ft - t_base) if t_ft > t_base else float('nan'):.0f}% of the extra)"))
+    return rows
+
+
+_MEM_SNIPPET = """
+import resource, sys, torch
+from ft_ray.config import ModelConfig
+from ft_ray.model import build_model
+torch.manual_seed(0)
+cfg = ModelConfig(arch=sys.argv[1], latent_bits=16, **{shape})
+model = build_model(cfg)
+tokens = torch.randint(0, 256, ({B}, {T} + 1))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model.loss(tokens)["loss"].backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def memory_rows() -> list[Row]:
+    """Peak RSS growth (MiB) of one training step, each model in a fresh process."""
+    code = _MEM_SNIPPET.format(shape=SHAPE, B=B, T=T)
+    peak = {arch: float(subprocess.run([sys.executable, "-c", code, arch], check=True,
+                                       capture_output=True, text=True).stdout.split()[-1])
+            for arch in ("baseline", "free_transformer")}
+    dense_mib = B * T * (1 << 16) * 4 / 2**20
+    extra = peak["free_transformer"] - peak["baseline"]
+    return [Row("train step peak memory, baseline", peak["baseline"], "MiB"),
+            Row("train step peak memory, FT H=16", peak["free_transformer"], "MiB"),
+            Row("FT H=16 extra memory / one dense B*T*2^H fp32 tensor", extra / dense_mib, "x", "<= 0.5",
+                f"extra {extra:.0f} MiB vs dense G {dense_mib:.0f} MiB")]
+
+
+def generation_rows() -> list[Row]:
+    torch.manual_seed(0)
+    ft = FreeTransformer(ModelConfig(latent_bits=16, **SHAPE)).eval()
+    new = 256
+    prompt = torch.randint(0, 256, (1, 16))
+
+    def gen(batch: int, use_cache: bool):
+        p = prompt.expand(batch, -1)
+        return lambda: ft.generate(p, new, plan=0, generator=torch.Generator().manual_seed(0), use_cache=use_cache)
+
+    t_cache = median_time(gen(1, True), 3)
+    t_full = median_time(gen(1, False), 1, warmup=0)
+    t_b16 = median_time(gen(16, True), 3)
+    return [Row("generate 256 tokens: KV cache vs full recompute", t_full / t_cache, "x", ">= 5",
+                f"cache {new / t_cache:.0f} tok/s, recompute {new / t_full:.0f} tok/s"),
+            Row("decode tokens/s, batch 1 (FT, KV cache)", new / t_cache, "tok/s"),
+            Row("decode tokens/s, batch 16 (FT, KV cache)", 16 * new / t_b16, "tok/s")]
+
+
+def run(quick: bool = False) -> list[Row]:
+    repeats = 2 if quick else 5
+    return train_step_rows(repeats) + memory_rows() + generation_rows()
+
+
+if __name__ == "__main__":
+    print(json.dumps([r.__dict__ for r in run(quick="--quick" in sys.argv)], indent=2))

@@ -1,0 +1,99 @@
+"""Ray Data datasets for training: synthetic streams and Parquet token shards.
+
+- Synthetic: `ray.data.range(n).map_batches(...)`; row i is generated from its own seed
+  (`shuffle_seed`, split, i), so the data do not depend on block sizes or the number of workers.
+- Shards: `read_parquet` over the files the manifest lists, after `validate_shards` checked them
+  against the manifest and the model (a bad shard fails here, before any worker starts). The
+  training files are read in a new order every epoch (`FileShuffleConfig`).
+Workers consume them with `get_dataset_shard(split).iter_batches(...)` (see train/runtime.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ft_ray.config import DataConfig, ModelConfig
+from ft_ray.data.errors import DataError
+from ft_ray.data.synthetic import get_task
+
+TRAIN_STREAM, VAL_STREAM = 0, 1  # disjoint seed streams for the synthetic splits
+
+
+@dataclass
+class DataInfo:
+    seq_len: int  # tokens per training input (each row holds seq_len + 1)
+    vocab_size: int
+    tokenizer_path: str | None  # tokenizer.json that decodes these ids (None: write the task's)
+
+
+def synthetic_rows(task: str, seed: int, stream: int, row_ids) -> np.ndarray:
+    """Rows `row_ids` of a synthetic split, each from its own seed: (n, seq_tokens) int64."""
+    gen = get_task(task).generate
+    seeds = [int(np.random.SeedSequence([seed, stream, int(i)]).generate_state(1)[0]) for i in row_ids]
+    return np.concatenate([gen(1, s) for s in seeds], axis=0)
+
+
+class _SyntheticBatch:
+    """map_batches function: {"id": ids} -> {"tokens": (n, seq_tokens)}."""
+
+    def __init__(self, task: str, seed: int, stream: int):
+        self.task, self.seed, self.stream = task, seed, stream
+
+    def __call__(self, batch: dict) -> dict:
+        return {"tokens": synthetic_rows(self.task, self.seed, self.stream, batch["id"])}
+
+
+def resolve_data(data: DataConfig, model: ModelConfig) -> DataInfo:
+    """Check the data against the model and return what the run needs to know; no Ray needed."""
+    if data.source == "synthetic":
+        from ft_ray.data.letters import VOCAB
+
+        task = get_task(data.task)
+        info = DataInfo(seq_len=task.seq_tokens - 1, vocab_size=len(VOCAB), tokenizer_path=None)
+        where = f"synthetic task {data.task!r}"
+    else:
+        from ft_ray.data.shards import validate_shards
+
+        manifest = validate_shards(data.path, vocab_size=model.vocab_size, seq_len=data.seq_len)
+        info = DataInfo(seq_len=int(manifest["seq_len"]), vocab_size=int(manifest["vocab_size"]),
+                        tokenizer_path=str(Path(data.path) / "tokenizer.json"))
+        where = f"shards {data.path}"
+    if data.seq_len is not None and data.seq_len != info.seq_len:
+        raise DataError(f"data.seq_len={data.seq_len} but the {where} have seq_len={info.seq_len}")
+    if info.vocab_size > model.vocab_size:
+        raise DataError(f"model.vocab_size={model.vocab_size} is smaller than the {where}' vocabulary "
+                        f"({info.vocab_size} ids)")
+    if info.seq_len > model.max_seq_len:
+        raise DataError(f"model.max_seq_len={model.max_seq_len} is shorter than the {where}' "
+                        f"seq_len={info.seq_len}")
+    return info
+
+
+def build_datasets(data: DataConfig, model: ModelConfig) -> tuple[dict, DataInfo]:
+    """{"train": Dataset, "val": Dataset} and the data's shape. Call on the driver."""
+    import ray.data
+
+    info = resolve_data(data, model)
+    if data.source == "synthetic":
+        datasets = {
+            "train": ray.data.range(data.num_train_sequences).map_batches(
+                _SyntheticBatch(data.task, data.shuffle_seed, TRAIN_STREAM), batch_size=256),
+            "val": ray.data.range(data.num_val_sequences).map_batches(
+                _SyntheticBatch(data.task, data.shuffle_seed, VAL_STREAM), batch_size=256),
+        }
+    else:
+        from ft_ray.data.shards import load_manifest
+
+        manifest = load_manifest(data.path)
+        files = {split: [str(Path(data.path) / s["file"]) for s in manifest["splits"][split]["shards"]]
+                 for split in ("train", "val")}
+        for split, paths in files.items():
+            if not paths:
+                raise DataError(f"{Path(data.path) / 'manifest.json'}: the {split} split has no shard")
+        shuffle = ray.data.FileShuffleConfig(seed=data.shuffle_seed)  # reseeded every epoch
+        datasets = {"train": ray.data.read_parquet(files["train"], shuffle=shuffle),
+                    "val": ray.data.read_parquet(files["val"])}
+    return datasets, info

@@ -1,0 +1,223 @@
+"""The training loop: one function for both models, under Ray Train or a plain launch.
+
+`train_loop_per_worker(config)` is what `TorchTrainer` runs on each worker: it rebuilds the typed
+config and calls `run_training(cfg, RayRuntime())`. Per step: `grad_accum_steps` micro-batches,
+clipping on the (sharded) gradients, AdamW, LR schedule. Every `log_every` steps rank 0 logs and
+every rank reports (Ray's report is a barrier, so all ranks call it equally often); every
+`eval_every` steps an honest validation pass; every `checkpoint_every` steps (and at the end) a
+DCP checkpoint; at the end the serving bundle.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ft_ray.config import Config, from_dict, to_dict
+from ft_ray.model import build_model
+from ft_ray.train.checkpoint import full_state_dict, load_checkpoint, save_checkpoint, write_bundle
+from ft_ray.train.evaluate import batch_metrics, letter_plan_eval
+from ft_ray.train.metrics import MetricsWriter, peak_flops, peak_memory_mib
+from ft_ray.train.optim import build_optimizer, build_scheduler
+from ft_ray.train.parallel import autocast_context, parallelize, resolve_precision
+from ft_ray.train.runtime import scratch_dir
+
+
+@dataclass
+class Position:
+    """Where training is: optimiser steps done, epoch, micro-batches consumed in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Ray Train entry point. `config["cfg"]` is the resolved config as plain data."""
+    from ft_ray.train.runtime import RayRuntime
+
+    cfg = from_dict(Config, config["cfg"], "train_loop_config")
+    return run_training(cfg, RayRuntime(), run_dir=config["run_dir"], tokenizer_path=config.get("tokenizer_path"))
+
+
+def _all_reduce_mean(values: dict[str, float], world_size: int, device) -> dict[str, float]:
+    if world_size == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: v / world_size for k, v in zip(keys, t.tolist())}
+
+
+class _Batches:
+    """Endless micro-batches across epochs, counting the position and the time spent waiting."""
+
+    def __init__(self, runtime, batch_size: int, position: Position):
+        self.runtime, self.batch_size, self.pos = runtime, batch_size, position
+        self.wait_s = 0.0
+        self._it = self._epoch_iter(skip=position.batches_in_epoch)
+
+    def _epoch_iter(self, skip: int):
+        it = self.runtime.batches("train", self.batch_size)
+        for _ in range(skip):  # resume inside an epoch: the data position is part of the checkpoint
+            next(it)
+        return it
+
+    def next(self) -> torch.Tensor:
+        t0 = time.perf_counter()
+        batch = next(self._it, None)
+        if batch is None:  # epoch done: a new pass (Ray Data reshuffles the shard order)
+            self.pos.epoch += 1
+            self.pos.batches_in_epoch = 0
+            self._it = self._epoch_iter(skip=0)
+            batch = next(self._it, None)
+            if batch is None:
+                raise RuntimeError("the training split yields no full batch: lower data.batch_size")
+        self.pos.batches_in_epoch += 1
+        self.wait_s += time.perf_counter() - t0
+        return batch
+
+
+def evaluate(model, cfg: Config, runtime, world_size: int, device) -> dict[str, float]:
+    """Honest validation metrics averaged over ranks (every rank runs the same number of
+    forwards, as FSDP requires). Ranks take interleaved batches of the unsplit validation set."""
+    model.eval()
+    rows = []
+    it = runtime.batches("val", cfg.data.batch_size)
+    for i, batch in enumerate(it):
+        if i >= cfg.train.eval_batches * world_size:
+            break
+        if i % world_size == runtime.rank:
+            rows.append(batch_metrics(model, batch.to(device), cfg.train.iwae_samples))
+    if not rows:
+        raise RuntimeError("the validation split yields no full batch for every worker: lower "
+                           "data.batch_size or raise the validation size")
+    n = min(len(rows), cfg.train.eval_batches)
+    local = {k: sum(r[k] for r in rows[:n]) / n for k in rows[0]}
+    model.train()
+    return _all_reduce_mean(local, world_size, device)
+
+
+def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str | None = None) -> dict:
+    rank, world, device = runtime.rank, runtime.world_size, runtime.device
+    tc, run_dir = cfg.train, Path(run_dir)
+    precision = resolve_precision(tc.precision, device)
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model).to(device)
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    model = parallelize(model, world, device, precision, tc.activation_checkpointing, tc.compile)
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay,
+                                (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
+    scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, tc.max_steps, cfg.optim.min_lr)
+    pos = Position()
+    with runtime.latest_checkpoint() as ckpt:
+        if ckpt is not None:
+            pos = Position(**load_checkpoint(ckpt, model, optimizer, scheduler, rank))
+    torch.manual_seed(tc.seed * 100_003 + rank * 7919 + pos.step)  # per-rank stream for Z sampling
+    log = MetricsWriter(run_dir, enabled=rank == 0)
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
+        print(f"[ft-ray] {cfg.model.arch}: {model.num_params() if world == 1 else 'sharded'} params, "
+              f"world {world}, {precision}, {'resuming at step ' + str(pos.step) if pos.step else 'from scratch'}",
+              flush=True)
+    batches = _Batches(runtime, cfg.data.batch_size, pos)
+    autocast = autocast_context(precision, world, device)
+    peak = peak_flops(device)
+    metrics: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    window_t0, window_steps, window_tokens, window_wait = time.perf_counter(), 0, 0, batches.wait_s
+
+    while pos.step < tc.max_steps:
+        sums: dict[str, float] = {}
+        for _ in range(tc.grad_accum_steps):
+            tokens = batches.next().to(device, non_blocking=True)
+            with autocast:
+                losses = model.loss(tokens)
+            (losses["loss"] / tc.grad_accum_steps).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / tc.grad_accum_steps
+            window_tokens += tokens[:, 1:].numel() * world
+        grad_norm = _clip(model, tc.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        pos.step += 1
+        window_steps += 1
+        last = pos.step == tc.max_steps
+
+        if pos.step % tc.log_every == 0 or last:
+            elapsed = time.perf_counter() - window_t0
+            metrics = _all_reduce_mean(sums, world, device)
+            if "kl" in metrics:
+                metrics["kl_bits"] = metrics["kl"] / math.log(2)
+            metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                           tokens_per_s=window_tokens / elapsed, step_ms=1e3 * elapsed / window_steps,
+                           data_wait_frac=(batches.wait_s - window_wait) / elapsed,
+                           peak_mem_mib=peak_memory_mib(device), epoch=pos.epoch)
+            if peak is not None:
+                metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / (peak * world)
+            log.write("train", pos.step, metrics)
+            if rank == 0:
+                print(f"[ft-ray] step {pos.step}/{tc.max_steps} " + " ".join(
+                    f"{k} {v:.4g}" for k, v in metrics.items() if k in (
+                        "loss", "ce", "kl_bits", "lr", "grad_norm", "tokens_per_s", "data_wait_frac")), flush=True)
+            window_t0, window_steps, window_tokens, window_wait = time.perf_counter(), 0, 0, batches.wait_s
+
+        if pos.step % tc.eval_every == 0 or last:
+            last_eval = evaluate(model, cfg, runtime, world, device)
+            last_eval.update(_plan_eval(model, cfg, rank))
+            log.write("eval", pos.step, last_eval)
+            if rank == 0:
+                print(f"[ft-ray] eval step {pos.step} " + " ".join(f"{k} {v:.4g}" for k, v in last_eval.items()), flush=True)
+            window_t0 = time.perf_counter()  # evaluation time is not training throughput
+
+        report = {"step": pos.step, **metrics, **{f"val_{k}": v for k, v in last_eval.items()}}
+        if pos.step % tc.checkpoint_every == 0 or last:
+            with scratch_dir("ft-ray-ckpt-") as d:
+                save_checkpoint(d, model, optimizer, scheduler, vars(pos), rank)
+                runtime.report(report, checkpoint_dir=d)
+            window_t0 = time.perf_counter()
+        elif pos.step % tc.log_every == 0:
+            runtime.report(report)
+
+    final = {"step": pos.step, **metrics, **{f"val_{k}": v for k, v in last_eval.items()}}
+    if tc.export_bundle:
+        state = full_state_dict(model)  # collective
+        if rank == 0:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            write_bundle(run_dir / "bundle", state, cfg.model, final, tokenizer_path, dtype)
+            print(f"[ft-ray] bundle written to {run_dir / 'bundle'}", flush=True)
+    log.close()
+    return final
+
+
+def _clip(model, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _plan_eval(model, cfg: Config, rank: int) -> dict[str, float]:
+    """The letter task's fresh- vs shared-plan groups, generated by rank 0 on a full copy."""
+    if not (cfg.data.source == "synthetic" and cfg.data.task == "letters" and cfg.train.sample_groups
+            and cfg.model.arch == "free_transformer"):
+        return {}
+    sharded = dist.is_initialized() and dist.get_world_size() > 1
+    local = model
+    if sharded:
+        state = full_state_dict(model)  # collective
+        if rank != 0:
+            return {}
+        local = build_model(cfg.model)
+        local.load_state_dict(state)
+    local.eval()
+    out = letter_plan_eval(local, cfg.train.sample_groups, seed=0)
+    model.train()
+    return out
