@@ -42,8 +42,32 @@ def save_checkpoint(path: str | Path, model, optimizer, scheduler, train_state: 
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
     torch.save({"cpu": torch.get_rng_state()}, path / f"rng_rank{rank}.pt")
     if rank == 0:
-        state = dict(train_state, scheduler=scheduler.state_dict())
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        state = dict(train_state, scheduler=scheduler.state_dict(), world_size=world)
         (path / TRAIN_STATE).write_text(json.dumps(state))
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of a complete checkpoint directory (every rank's shard present), else None."""
+    path = Path(path)
+    try:
+        state = json.loads((path / TRAIN_STATE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    world = state.get("world_size", 1)
+    shards = all((path / f"__{r}_0.distcp").is_file() for r in range(world))
+    return state["step"] if shards and (path / ".metadata").is_file() else None
+
+
+def newest_checkpoint(*candidates: str | Path | None, run_dir: str | Path | None = None) -> str | None:
+    """The complete checkpoint with the highest step among `candidates` and the run directory's
+    checkpoint_* folders. Ray registers a reported checkpoint asynchronously; a worker that dies
+    right after reporting can leave the newest one on disk but not yet in Ray's records."""
+    paths = [Path(c) for c in candidates if c]
+    if run_dir is not None and Path(run_dir).is_dir():
+        paths += sorted(Path(run_dir).glob("checkpoint_*"))
+    steps = [(step, str(p)) for p in paths if (step := checkpoint_step(p)) is not None]
+    return max(steps)[1] if steps else None
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler, rank: int) -> dict:
@@ -55,6 +79,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, rank: int) ->
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train_state = json.loads((path / TRAIN_STATE).read_text())
     scheduler.load_state_dict(train_state.pop("scheduler"))
+    train_state.pop("world_size", None)
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.exists():  # absent when the world size grew: keep this rank's fresh RNG
         torch.set_rng_state(torch.load(rng_file, weights_only=True)["cpu"])

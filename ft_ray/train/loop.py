@@ -11,6 +11,8 @@ DCP checkpoint; at the end the serving bundle.
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,8 @@ def train_loop_per_worker(config: dict) -> dict:
     from ft_ray.train.runtime import RayRuntime
 
     cfg = from_dict(Config, config["cfg"], "train_loop_config")
-    return run_training(cfg, RayRuntime(), run_dir=config["run_dir"], tokenizer_path=config.get("tokenizer_path"))
+    return run_training(cfg, RayRuntime(config["run_dir"]), run_dir=config["run_dir"], tokenizer_path=config.get("tokenizer_path"),
+                        kill_at=config.get("kill_at"))
 
 
 def _all_reduce_mean(values: dict[str, float], world_size: int, device) -> dict[str, float]:
@@ -103,7 +106,10 @@ def evaluate(model, cfg: Config, runtime, world_size: int, device) -> dict[str, 
     return _all_reduce_mean(local, world_size, device)
 
 
-def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str | None = None) -> dict:
+def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str | None = None,
+                 kill_at: str | None = None) -> dict:
+    """Train to cfg.train.max_steps (resuming from the runtime's checkpoint); return the final
+    metrics. `kill_at` ("<step>:<rank>:<marker file>") is a fault drill, see `_maybe_inject_failure`."""
     rank, world, device = runtime.rank, runtime.world_size, runtime.device
     tc, run_dir = cfg.train, Path(run_dir)
     precision = resolve_precision(tc.precision, device)
@@ -114,11 +120,11 @@ def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str 
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay,
                                 (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
     scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, tc.max_steps, cfg.optim.min_lr)
+    torch.manual_seed(tc.seed * 100_003 + rank * 7919)  # per-rank stream for Z sampling...
     pos = Position()
     with runtime.latest_checkpoint() as ckpt:
-        if ckpt is not None:
+        if ckpt is not None:  # ...which the checkpoint restores, so a resumed run draws the same Z
             pos = Position(**load_checkpoint(ckpt, model, optimizer, scheduler, rank))
-    torch.manual_seed(tc.seed * 100_003 + rank * 7919 + pos.step)  # per-rank stream for Z sampling
     log = MetricsWriter(run_dir, enabled=rank == 0)
     if rank == 0:
         (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
@@ -148,6 +154,8 @@ def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str 
         optimizer.zero_grad(set_to_none=True)
         pos.step += 1
         window_steps += 1
+        if kill_at:
+            _maybe_inject_failure(kill_at, pos.step, rank)
         last = pos.step == tc.max_steps
 
         if pos.step % tc.log_every == 0 or last:
@@ -166,7 +174,7 @@ def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str 
                 print(f"[ft-ray] step {pos.step}/{tc.max_steps} " + " ".join(
                     f"{k} {v:.4g}" for k, v in metrics.items() if k in (
                         "loss", "ce", "kl_bits", "lr", "grad_norm", "tokens_per_s", "data_wait_frac")), flush=True)
-            window_t0, window_steps, window_tokens, window_wait = time.perf_counter(), 0, 0, batches.wait_s
+            window_steps, window_tokens, window_wait = 0, 0, batches.wait_s
 
         if pos.step % tc.eval_every == 0 or last:
             last_eval = evaluate(model, cfg, runtime, world, device)
@@ -174,16 +182,16 @@ def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str 
             log.write("eval", pos.step, last_eval)
             if rank == 0:
                 print(f"[ft-ray] eval step {pos.step} " + " ".join(f"{k} {v:.4g}" for k, v in last_eval.items()), flush=True)
-            window_t0 = time.perf_counter()  # evaluation time is not training throughput
 
         report = {"step": pos.step, **metrics, **{f"val_{k}": v for k, v in last_eval.items()}}
         if pos.step % tc.checkpoint_every == 0 or last:
             with scratch_dir("ft-ray-ckpt-") as d:
                 save_checkpoint(d, model, optimizer, scheduler, vars(pos), rank)
                 runtime.report(report, checkpoint_dir=d)
-            window_t0 = time.perf_counter()
         elif pos.step % tc.log_every == 0:
             runtime.report(report)
+        if pos.step % tc.log_every == 0 or pos.step % tc.eval_every == 0 or pos.step % tc.checkpoint_every == 0:
+            window_t0 = time.perf_counter()  # logging, evaluation and checkpoints are not throughput
 
     final = {"step": pos.step, **metrics, **{f"val_{k}": v for k, v in last_eval.items()}}
     if tc.export_bundle:
@@ -194,6 +202,15 @@ def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str 
             print(f"[ft-ray] bundle written to {run_dir / 'bundle'}", flush=True)
     log.close()
     return final
+
+
+def _maybe_inject_failure(spec: str, step: int, rank: int) -> None:
+    """Fault drill: rank <rank> kills its own process (SIGKILL, no cleanup) when it reaches
+    <step>, once: the marker file records that it happened."""
+    at, who, marker = spec.split(":", 2)
+    if step == int(at) and rank == int(who) and not os.path.exists(marker):
+        Path(marker).write_text(f"killed rank {rank} at step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _clip(model, max_norm: float) -> float:

@@ -28,10 +28,11 @@ def collate_tokens(batch: dict) -> torch.Tensor:
 
 
 class RayRuntime:
-    def __init__(self):
+    def __init__(self, run_dir: str | Path | None = None):
         import ray.train
         import ray.train.torch
 
+        self.run_dir = run_dir
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -55,15 +56,18 @@ class RayRuntime:
 
     @contextmanager
     def latest_checkpoint(self):
-        """Yield the directory of the checkpoint to resume from, or None."""
+        """Yield the directory of the checkpoint to resume from, or None: Ray's latest, or a
+        newer complete one in the run directory (see `newest_checkpoint`)."""
         import ray.train
+
+        from ft_ray.train.checkpoint import newest_checkpoint
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            yield None
+            yield newest_checkpoint(run_dir=self.run_dir)
         else:
             with checkpoint.as_directory() as path:
-                yield path
+                yield newest_checkpoint(path, run_dir=self.run_dir)
 
 
 class PlainRuntime:

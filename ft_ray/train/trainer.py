@@ -60,8 +60,9 @@ def cpus_per_worker(cfg: Config) -> float:
     return max(0.1, (total - 1.0) / n) if total > 1 else 0.5 / n
 
 
-def fit(cfg: Config):
-    """Run training and return Ray's `Result` (with `.return_value` = the final metrics)."""
+def fit(cfg: Config, kill_at: str | None = None):
+    """Run training and return Ray's `Result` (with `.return_value` = the final metrics).
+    `kill_at` is the fault drill of `loop._maybe_inject_failure` (tests)."""
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -77,7 +78,8 @@ def fit(cfg: Config):
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir), "tokenizer_path": tokenizer_path},
+        train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir), "tokenizer_path": tokenizer_path,
+                           "kill_at": kill_at},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=resources if tc.num_workers else None),
         run_config=RunConfig(

@@ -1,0 +1,307 @@
+"""Token shards on disk: packed fixed-length rows in Parquet, a tokenizer.json and a manifest.
+
+Layout of a shard directory:
+
+    train-00000.parquet ...  one column `tokens`: list<uint8|16|32>, every row seq_len + 1 ids
+    val-00000.parquet ...
+    tokenizer.json           decodes the ids (Hugging Face `tokenizers`)
+    manifest.json            source, tokenizer, vocab_size, seq_len, per split counts and shards
+                             (file, num_rows, sha256)
+
+Writing streams: documents are tokenized in small batches, their ids (each followed by EOS)
+appended to their split's stream, the stream cut into rows, and rows written to the open shard
+one row group at a time, so memory is bounded by a row group (and the tokenizer's work on the
+largest single document), not by the shard or the corpus. Reading and validation live in
+manifest.py and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer
+
+from ft_ray.data import tokenizer as tk
+from ft_ray.data.errors import DataError
+from ft_ray.data.manifest import (  # noqa: F401  (re-exported)
+    FORMAT_VERSION,
+    Manifest,
+    file_sha256,
+    load_manifest,
+    read_split,
+    validate_shards,
+)
+from ft_ray.data.sources import Document
+from ft_ray.data.synthetic import get_task
+
+SPLITS = ("train", "val")
+SHARD_MAX_BYTES = 64 << 20
+ROW_GROUP_BYTES = 4 << 20  # rows buffered in memory between writes
+PROGRESS_SECONDS = 10.0
+ENCODE_BATCH_DOCS = 64  # documents tokenized per encode_batch call ...
+ENCODE_BATCH_CHARS = 1 << 20  # ... or fewer: a batch's encodings cost ~100 bytes per character
+SYNTHETIC_CHUNK_ROWS = 8192  # rows generated per seed: data does not depend on the shard size
+MAX_LIST_VALUES = 2**31 - 1  # int32 list offsets bound the values in one shard
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type holding every id below `vocab_size`."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise DataError(f"vocab_size {vocab_size} does not fit in uint32")
+
+
+def split_of(doc_id: str, val_fraction: float) -> str:
+    """'val' for a deterministic `val_fraction` of document ids (sha256), else 'train'."""
+    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
+    return "val" if h < val_fraction * 2**64 else "train"
+
+
+def rows_table(rows: np.ndarray) -> pa.Table:
+    """(num_rows, row_len) ids -> a table with one list column `tokens` of the array's dtype."""
+    num_rows, row_len = rows.shape
+    offsets = pa.array(np.arange(0, (num_rows + 1) * row_len, row_len, dtype=np.int32))
+    return pa.table({"tokens": pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1)))})
+
+
+class _SplitWriter:
+    """Packs one split's token stream into rows of `row_len` and writes them as rolling shards.
+
+    Rows go to the open shard one row group (ROW_GROUP_BYTES) at a time, so memory holds at
+    most a row group of rows, whatever the shard size.
+    """
+
+    def __init__(self, out: Path, split: str, row_len: int, dtype: np.dtype, shard_max_bytes: int):
+        self.out, self.split, self.row_len, self.dtype = out, split, row_len, dtype
+        row_bytes = row_len * dtype.itemsize  # raw ids; Parquet compression only makes files smaller
+        self.rows_per_shard = max(1, min(shard_max_bytes // row_bytes, MAX_LIST_VALUES // row_len))
+        self.rows_per_group = max(1, ROW_GROUP_BYTES // row_bytes)
+        self.carry = np.empty(0, dtype)  # tail of the stream shorter than a row
+        self.pending: list[np.ndarray] = []  # full rows not yet written
+        self.num_pending = self.num_documents = self.num_sequences = self.bytes_written = 0
+        self.shards: list[dict[str, Any]] = []
+        self.writer: pq.ParquetWriter | None = None
+        self.rows_in_shard = 0
+
+    def add_document(self, ids: list[int], eos: int) -> None:
+        self.num_documents += 1
+        tokens = np.empty(len(ids) + 1, self.dtype)
+        tokens[:-1], tokens[-1] = ids, eos
+        stream = np.concatenate([self.carry, tokens])
+        num_rows = len(stream) // self.row_len
+        self.carry = stream[num_rows * self.row_len:].copy()  # copy: do not pin the whole stream
+        if num_rows:
+            self.add_rows(stream[: num_rows * self.row_len].reshape(num_rows, self.row_len))
+
+    def add_rows(self, rows: np.ndarray) -> None:
+        self.pending.append(rows.astype(self.dtype, copy=False))
+        self.num_pending += len(rows)
+        while self.num_pending >= self._room():
+            self._write(self._room())
+
+    def _room(self) -> int:
+        """Rows to buffer before the next write: a row group, or what the open shard still takes."""
+        return min(self.rows_per_group, self.rows_per_shard - self.rows_in_shard)
+
+    def _write(self, num_rows: int) -> None:
+        block = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+        rows, rest = block[:num_rows], block[num_rows:]
+        self.pending, self.num_pending = ([rest] if len(rest) else []), len(rest)
+        table = rows_table(rows)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.out / self._name(), table.schema)
+        self.writer.write_table(table)
+        self.rows_in_shard += num_rows
+        self.num_sequences += num_rows
+        if self.rows_in_shard == self.rows_per_shard:
+            self._close_shard()
+
+    def _name(self) -> str:
+        return f"{self.split}-{len(self.shards):05d}.parquet"
+
+    def _close_shard(self) -> None:
+        path = self.out / self._name()
+        self.writer.close()
+        self.shards.append({"file": path.name, "num_rows": self.rows_in_shard, "sha256": file_sha256(path)})
+        self.bytes_written += path.stat().st_size
+        self.writer, self.rows_in_shard = None, 0
+
+    def bytes_on_disk(self) -> int:
+        """Closed shards plus the row groups already flushed to the open one."""
+        open_path = self.out / self._name()
+        return self.bytes_written + (open_path.stat().st_size if self.writer is not None else 0)
+
+    def close(self) -> dict[str, Any]:
+        """Write the last partial shard; the stream's tail shorter than a row is dropped."""
+        if self.num_pending:
+            self._write(self.num_pending)
+        if self.writer is not None:
+            self._close_shard()
+        return {"num_sequences": self.num_sequences, "num_tokens": self.num_sequences * self.row_len,
+                "num_documents": self.num_documents, "num_dropped_tokens": len(self.carry),
+                "shards": self.shards}
+
+
+class _Progress:
+    """Reports documents, tokens and MB written at most every PROGRESS_SECONDS."""
+
+    def __init__(self, report: Callable[[str], Any]):
+        self.report, self.started = report, time.monotonic()
+        self.last = self.started
+
+    def update(self, writers: dict[str, _SplitWriter]) -> None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_SECONDS:
+            return
+        self.last = now
+        w = writers.values()
+        docs = sum(x.num_documents for x in w)
+        tokens = sum(x.num_sequences for x in w) * next(iter(w)).row_len  # written so far
+        mb = sum(x.bytes_on_disk() for x in w) / 1e6
+        self.report(f"  {docs} documents, {tokens / 1e6:.1f}M tokens, {mb:.1f} MB written "
+                    f"({now - self.started:.0f}s)")
+
+
+def _check_args(seq_len: int, val_fraction: float, shard_max_bytes: int) -> None:
+    if seq_len < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_max_bytes < 1:
+        raise DataError(f"shard_max_bytes must be >= 1, got {shard_max_bytes}")
+
+
+def _prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create `out_dir` and delete our own artefacts of an earlier run in it.
+
+    The manifest goes first, so a run that fails half-way never leaves a manifest that
+    describes shards it did not write.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [out / "manifest.json", out / "tokenizer.json",
+                *(p for s in SPLITS for p in out.glob(f"{s}-*.parquet"))]:
+        old.unlink(missing_ok=True)
+    return out
+
+
+def _batched(docs: Iterable[Document]) -> Iterator[list[Document]]:
+    """Batches of documents for the tokenizer, bounded in count and in characters."""
+    batch, num_chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        num_chars += len(doc.text)
+        if len(batch) == ENCODE_BATCH_DOCS or num_chars >= ENCODE_BATCH_CHARS:
+            yield batch
+            batch, num_chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encode(tok: Tokenizer, batch: list[Document], source: str) -> list[list[int]]:
+    try:
+        return tk.encode_batch(tok, [d.text for d in batch])
+    except Exception as e:  # e.g. a character a closed (word-level) vocabulary lacks
+        raise DataError(f"source {source!r}: the tokenizer cannot encode documents "
+                        f"{batch[0].id} .. {batch[-1].id} ({e})") from None
+
+
+def _base_manifest(kind: str, source: str, tokenizer_spec: str, tok: Tokenizer, seq_len: int,
+                   val_fraction: float) -> Manifest:
+    size = tk.vocab_size(tok)
+    return {"format_version": FORMAT_VERSION, "kind": kind, "source": source,
+            "tokenizer": tokenizer_spec, "vocab_size": size, "seq_len": seq_len,
+            "tokens_per_row": seq_len + 1, "dtype": str(token_dtype(size)), "bos_id": tk.bos_id(tok),
+            "eos_id": tk.eos_id(tok), "pad_id": tk.pad_id(tok), "val_fraction": val_fraction}
+
+
+def _finish(out: Path, manifest: Manifest, tok: Tokenizer, progress: Callable[[str], Any],
+            started: float) -> Manifest:
+    """Save tokenizer.json and manifest.json (last: its presence means the set is complete)."""
+    tok.save(str(out / "tokenizer.json"))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    splits = manifest["splits"]
+    if splits["val"]["num_sequences"] == 0:
+        progress(f"warning: the validation split is empty (val_fraction={manifest['val_fraction']})")
+    parts = [f"{s} {v['num_sequences']} sequences / {v['num_tokens']} tokens / "
+             f"{len(v['shards'])} shards" for s, v in splits.items()]
+    mb = sum((out / sh["file"]).stat().st_size for v in splits.values() for sh in v["shards"]) / 1e6
+    progress(f"wrote {out}: {'; '.join(parts)}; seq_len {manifest['seq_len']}, vocab "
+             f"{manifest['vocab_size']}, {mb:.2f} MB in {time.monotonic() - started:.1f}s")
+    return manifest
+
+
+def write_corpus_shards(documents: Iterable[Document], tokenizer: Tokenizer, seq_len: int,
+                        out_dir: str | Path, val_fraction: float = 0.01,
+                        shard_max_bytes: int = SHARD_MAX_BYTES, progress: Callable[[str], Any] = print,
+                        source: str = "", tokenizer_spec: str = "",
+                        on_document: Callable[[str, str], Any] | None = None) -> Manifest:
+    """Tokenize, split by document hash, pack into rows of seq_len + 1 and write the shards.
+
+    `on_document(split, doc_id)` is called for every document, e.g. to audit the split.
+    """
+    _check_args(seq_len, val_fraction, shard_max_bytes)
+    started, out = time.monotonic(), _prepare_out_dir(out_dir)
+    manifest = _base_manifest("corpus", source, tokenizer_spec, tokenizer, seq_len, val_fraction)
+    eos, dtype = manifest["eos_id"], token_dtype(manifest["vocab_size"])
+    writers = {s: _SplitWriter(out, s, seq_len + 1, dtype, shard_max_bytes) for s in SPLITS}
+    meter = _Progress(progress)
+    for batch in _batched(documents):
+        for doc, ids in zip(batch, _encode(tokenizer, batch, source), strict=True):
+            split = split_of(doc.id, val_fraction)
+            writers[split].add_document(ids, eos)
+            if on_document is not None:
+                on_document(split, doc.id)
+        meter.update(writers)
+    splits = {s: w.close() for s, w in writers.items()}
+    if sum(v["num_documents"] for v in splits.values()) == 0:
+        raise DataError(f"source {source!r} produced no documents")
+    if splits["train"]["num_sequences"] == 0:
+        raise DataError(f"source {source!r}: the train split has fewer than seq_len + 1 = "
+                        f"{seq_len + 1} tokens, so no sequence could be written")
+    manifest["splits"] = splits
+    return _finish(out, manifest, tokenizer, progress, started)
+
+
+def derive_seed(seed: int, split: str, chunk: int) -> int:
+    """Independent 63-bit seeds per (seed, split, chunk): train and val never share a stream."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{split}/{chunk}".encode()).digest()[:8], "big") >> 1
+
+
+def write_synthetic_shards(task: str, num_sequences: int, seed: int, out_dir: str | Path,
+                           val_fraction: float = 0.05, shard_max_bytes: int = SHARD_MAX_BYTES,
+                           progress: Callable[[str], Any] = print) -> Manifest:
+    """`num_sequences` train rows plus round(num_sequences * val_fraction) validation rows.
+
+    Rows are generated in fixed chunks with derived seeds, so a larger set starts with the
+    rows of a smaller one, whatever the shard size.
+    """
+    spec = get_task(task)
+    if num_sequences < 1:
+        raise DataError(f"num_sequences must be >= 1, got {num_sequences}")
+    _check_args(spec.seq_tokens - 1, val_fraction, shard_max_bytes)
+    started, out, tok = time.monotonic(), _prepare_out_dir(out_dir), tk.letter_tokenizer()
+    manifest = _base_manifest("synthetic", f"synthetic:{task}", "letters", tok, spec.seq_tokens - 1,
+                              val_fraction) | {"task": task, "seed": seed}
+    dtype = token_dtype(manifest["vocab_size"])
+    counts = {"train": num_sequences, "val": round(num_sequences * val_fraction)}
+    splits, meter = {}, _Progress(progress)
+    for split, count in counts.items():
+        writer = _SplitWriter(out, split, spec.seq_tokens, dtype, shard_max_bytes)
+        for chunk, start in enumerate(range(0, count, SYNTHETIC_CHUNK_ROWS)):
+            rows = spec.generate(min(SYNTHETIC_CHUNK_ROWS, count - start), derive_seed(seed, split, chunk))
+            writer.add_rows(rows)
+            writer.num_documents += len(rows)  # one sequence is one document
+            meter.update({split: writer})
+        splits[split] = writer.close()
+    manifest["splits"] = splits
+    return _finish(out, manifest, tok, progress, started)

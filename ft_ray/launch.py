@@ -1,0 +1,68 @@
+"""What every entry point shares: joining or starting Ray, presets, and one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from ft_ray.config import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+EXIT_BAD_INPUT = 2
+
+# set before Ray starts so every process of the cluster inherits them
+DEFAULT_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    # an embedded cluster is private to this process; a cluster we join decides for itself
+    "RAY_AUTH_MODE": "disabled",
+}
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """`smoke` -> jobs/configs/smoke.yaml; a path is used as given."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.exists():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        raise ConfigError("--config", f"unknown preset {name_or_path!r} (presets: {known})")
+    return preset
+
+
+def ensure_ray(num_cpus: int | None = None, quiet: bool = True):
+    """Join the cluster named by RAY_ADDRESS, or start an embedded local one sized to the machine."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    for k, v in DEFAULT_ENV.items():
+        if k != "RAY_AUTH_MODE" or not os.environ.get("RAY_ADDRESS"):
+            os.environ.setdefault(k, v)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        print(f"[ft-ray] joined the Ray cluster at {os.environ['RAY_ADDRESS']}", flush=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+        print(f"[ft-ray] started an embedded local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} CPUs)",
+              flush=True)
+    if quiet:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Bad input ends with one line on stderr and exit status 2, not a traceback."""
+    from ft_ray.data.errors import DataError
+
+    try:
+        yield
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"ft-ray: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)

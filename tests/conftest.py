@@ -1,0 +1,29 @@
+"""Shared test set-up: Ray's environment, one local Ray cluster per session (started only by the
+tests that need it), and torch kept to one thread in the test process."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.update(
+    RAY_USAGE_STATS_ENABLED="0",
+    RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0",
+    RAY_AUTH_MODE="disabled",
+    RAY_DATA_DISABLE_PROGRESS_BARS="1",
+)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A private local Ray cluster for the session; shut down (only it) at the end."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
