@@ -46,7 +46,7 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True):
         ray.init(log_to_driver=True)
         print(f"[ft-ray] joined the Ray cluster at {os.environ['RAY_ADDRESS']}", flush=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count())
         print(f"[ft-ray] started an embedded local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} CPUs)",
               flush=True)
     if quiet:
