@@ -7,8 +7,10 @@ B*T*2^H floats at once; KV-cache generation >= 5x full recompute for 256 new tok
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -31,44 +33,65 @@ def _step_fn(model, tokens):
     return step
 
 
+def _interleaved(fns: dict[str, object], repeats: int) -> dict[str, float]:
+    """Median seconds per call, the candidates timed in alternation so that load from elsewhere
+    on the machine affects all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def train_step_rows(repeats: int) -> list[Row]:
     torch.manual_seed(0)
     tokens = torch.randint(0, 256, (B, T + 1))
-    base = BaselineTransformer(ModelConfig(arch="baseline", **SHAPE))
-    t_base = median_time(_step_fn(base, tokens), repeats)
-    rows = [Row("train step, baseline (L=8 D=256 T=256 B=8)", t_base * 1e3, "ms")]
-    bound = (1 + 1 / SHAPE["num_layers"]) * 1.10
+    fns = {"base": _step_fn(BaselineTransformer(ModelConfig(arch="baseline", **SHAPE)), tokens)}
+    mapper = {}
     for h in (8, 16):
-        ft = FreeTransformer(ModelConfig(latent_bits=h, **SHAPE))
-        t_ft = median_time(_step_fn(ft, tokens), repeats)
+        fns[f"ft{h}"] = _step_fn(FreeTransformer(ModelConfig(latent_bits=h, **SHAPE)), tokens)
         # where the FT's extra time goes: the mapper (sample, gather, eq. 8 backward) alone
         logits = torch.randn(B, T, h, requires_grad=True)
         weight = torch.randn(1 << h, SHAPE["hidden_dim"], requires_grad=True)
         grad = torch.randn(B, T, SHAPE["hidden_dim"])
-        t_map = median_time(lambda lg=logits, w=weight, g=grad: sample_and_embed(lg, w)[0].backward(g), repeats)
-        rows.append(Row(f"train step FT/baseline, H={h}", t_ft / t_base, "x",
+        mapper[h] = lambda lg=logits, w=weight, g=grad: sample_and_embed(lg, w)[0].backward(g)
+    t = _interleaved(fns, repeats)
+    t_map = _interleaved({h: f for h, f in mapper.items()}, repeats)
+    bound = (1 + 1 / SHAPE["num_layers"]) * 1.10
+    rows = [Row("train step, baseline (L=8 D=256 T=256 B=8)", t["base"] * 1e3, "ms")]
+    for h in (8, 16):
+        rows.append(Row(f"train step FT/baseline, H={h}", t[f"ft{h}"] / t["base"], "x",
                         f"<= {bound:.4f}" if h == 8 else "",
-                        f"FT {t_ft * 1e3:.0f} ms; mapper fwd+bwd {t_map * 1e3:.0f} ms "
-                        f"({100 * t_map / (t_ft - t_base) if t_ft > t_base else float('nan'):.0f}% of the extra)"))
+                        f"FT {t[f'ft{h}'] * 1e3:.0f} ms, of which the mapper (sample, gather, eq. 8 "
+                        f"backward over 2^{h} codes) {t_map[h] * 1e3:.0f} ms"))
     return rows
 
 
 _MEM_SNIPPET = """
-import resource, sys, torch
+import sys, torch
 from ft_ray.config import ModelConfig
 from ft_ray.model import build_model
 torch.manual_seed(0)
 cfg = ModelConfig(arch=sys.argv[1], latent_bits=16, **{shape})
 model = build_model(cfg)
 tokens = torch.randint(0, 256, ({B}, {T} + 1))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])  # kB
+before = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 model.loss(tokens)["loss"].backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+print((status("VmHWM:") - before) / 1024)
 """
 
 
 def memory_rows() -> list[Row]:
-    """Peak RSS growth (MiB) of one training step, each model in a fresh process."""
+    """Peak RSS growth (MiB) during one training step, each model in a fresh process."""
     code = _MEM_SNIPPET.format(shape=SHAPE, B=B, T=T)
     peak = {arch: float(subprocess.run([sys.executable, "-c", code, arch], check=True,
                                        capture_output=True, text=True).stdout.split()[-1])

@@ -18,6 +18,18 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     train_cli.add_arguments(train)
     train.set_defaults(func=train_cli.run)
+    from ft_ray import compare
+
+    cmp = sub.add_parser("compare", help="baseline vs Free Transformers at several kappa, with a report",
+                         description=compare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    compare.add_arguments(cmp)
+    cmp.set_defaults(func=compare.run)
+    from ft_ray.tune import runner
+
+    sweep = sub.add_parser("sweep", help="Ray Tune sweep over latent bits, free bits, seeds",
+                           description=runner.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    runner.add_arguments(sweep)
+    sweep.set_defaults(func=runner.run)
     return parser
 
 

@@ -33,12 +33,13 @@ def resolve_preset(name_or_path: str) -> Path:
     return preset
 
 
-def ensure_ray(num_cpus: int | None = None, quiet: bool = True):
-    """Join the cluster named by RAY_ADDRESS, or start an embedded local one sized to the machine."""
+def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
+    """Join the cluster named by RAY_ADDRESS, or start an embedded local one sized to the machine.
+    Returns True when this call connected (so the caller owns the shutdown)."""
     import ray
 
     if ray.is_initialized():
-        return ray
+        return False
     for k, v in DEFAULT_ENV.items():
         if k != "RAY_AUTH_MODE" or not os.environ.get("RAY_ADDRESS"):
             os.environ.setdefault(k, v)
@@ -53,7 +54,7 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True):
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
-    return ray
+    return True
 
 
 @contextlib.contextmanager

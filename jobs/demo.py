@@ -1,104 +1,83 @@
-"""Main demo job: a Free Transformer learns the paper's letter task on the CPU, then samples with
-fresh and shared plans so you can see what Z carries.
+"""The main demo: a Free Transformer and a baseline learn the paper's letter task on Ray.
 
-    python -m jobs.demo [--steps 600] [--kappa-bits 1.0] [--latent-bits 8]
+    python -m jobs.demo [--steps 800] [--kappa 1.0] [--out results/demo]
 
-This version trains in-process with plain torch; it prints progress, the Z-usage gap (CE with
-random Z minus CE with the encoder's Z) and sample groups with their plan codes.
+1. writes the letter-task shards (data/letters; reused when present),
+2. trains a baseline and a Free Transformer on them with 2 Ray Train workers (FSDP2),
+   reusing finished runs,
+3. evaluates both honestly and writes results/demo/report.md (table, curves, the Fig. 4 picture),
+4. prints samples with fresh and shared plans and the plan codes that made them.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
 
-from ft_ray.config import ModelConfig
-from ft_ray.data.letters import LETTERS, check_body, decode, letter_sequences, prompt_ids
-from ft_ray.model import FreeTransformer
-from ft_ray.model.latent import uniform_codes
-from ft_ray.train.optim import build_optimizer, build_scheduler
+from ft_ray.launch import ensure_ray, one_line_errors, resolve_preset
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def z_usage(model: FreeTransformer, tokens: torch.Tensor) -> dict[str, float]:
-    """CE with the encoder's Z, CE with random Z, KL (bits/token) and the honest ELBO."""
-    model.eval()
-    with torch.no_grad():
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        out = model(inputs, generator=torch.Generator().manual_seed(0))
-        ce_post = model._ce(out.logits, targets).item()
-        z = uniform_codes(inputs.shape, model.cfg.latent_bits, torch.Generator().manual_seed(1))
-        ce_rand = model._ce(model(inputs, z=z).logits, targets).item()
-        kl = out.kl.mean().item()
-    model.train()
-    return {"ce_post": ce_post, "ce_rand": ce_rand, "z_gap": ce_rand - ce_post,
-            "kl_bits": kl / math.log(2), "elbo": ce_post + kl}
+def prepare_letters(out: Path, num_sequences: int) -> None:
+    from ft_ray.data.shards import validate_shards, write_synthetic_shards
+
+    if (out / "manifest.json").exists():
+        validate_shards(out)
+        print(f"[demo] reusing the letter-task shards in {out}", flush=True)
+        return
+    write_synthetic_shards("letters", num_sequences, seed=0, out_dir=out, val_fraction=0.02)
 
 
-def sample_group(model: FreeTransformer, letter: str, n: int, shared: bool, seed: int):
+def show_samples(bundle: Path, letter: str = "K", n: int = 6) -> None:
+    from ft_ray.data.letters import PROMPT_TOKENS, check_body, decode, prompt_ids
+    from ft_ray.train.checkpoint import load_bundle
+
+    model, cfg, _ = load_bundle(bundle)
     prompt = torch.tensor([prompt_ids(letter)] * n)
-    tokens, z = model.generate(prompt, 65, generator=torch.Generator().manual_seed(seed),
-                               plan=seed if shared else None, shared_plan=shared, return_plan=True)
-    bodies = [decode(row[3:])[:64] for row in tokens.tolist()]
-    return bodies, z
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--kappa-bits", type=float, default=1.0)
-    ap.add_argument("--latent-bits", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-
-    torch.manual_seed(args.seed)
-    cfg = ModelConfig(vocab_size=32, hidden_dim=128, num_layers=4, num_heads=4, max_seq_len=128,
-                      latent_bits=args.latent_bits, free_bits=args.kappa_bits)
-    model = FreeTransformer(cfg)
-    opt = build_optimizer(model, lr=3e-3, weight_decay=0.0)
-    sched = build_scheduler(opt, warmup_steps=100, total_steps=args.steps, min_lr=3e-4)
-    val = torch.from_numpy(letter_sequences(256, seed=10**6))
-    print(f"Free Transformer: {model.num_params():,} params, H={cfg.latent_bits} bits, "
-          f"kappa={cfg.free_bits} bits/token; training {args.steps} steps on the letter task", flush=True)
-    t0 = time.time()
-    for step in range(args.steps):
-        batch = torch.from_numpy(letter_sequences(args.batch_size, seed=args.seed * 10**6 + step))
-        losses = model.loss(batch)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % 100 == 0 or step + 1 == args.steps:
-            m = z_usage(model, val)
-            print(f"step {step + 1:5d}  loss {losses['loss'].item():.4f}  ELBO {m['elbo']:.4f}  "
-                  f"KL {m['kl_bits']:.3f} bits/tok  CE(enc Z) {m['ce_post']:.4f}  "
-                  f"CE(random Z) {m['ce_rand']:.4f}  Z-gap {m['z_gap']:+.4f}  "
-                  f"({time.time() - t0:.0f}s)", flush=True)
-
-    model.eval()
-    agreement = {}
     for shared in (False, True):
-        label = "shared plan" if shared else "fresh plans"
-        starts_all = []
-        for g, letter in enumerate(LETTERS[:3]):
-            bodies, z = sample_group(model, letter, n=6, shared=shared, seed=100 + g)
-            print(f"\n{label}, prompt '{letter}>' (plan codes of the first 6 new positions per sample):")
-            checks = [check_body(b, letter) for b in bodies]
-            for body, c, codes in zip(bodies, checks, z[:, 3:9].tolist()):
-                print(f"  {body}  {'ok ' if c.valid else 'BAD'} z={codes}")
-            starts = [c.start for c in checks if c.valid]
-            if starts:
-                starts_all.append(np.unique(starts, return_counts=True)[1].max() / len(starts))
-        agreement[label] = float(np.mean(starts_all)) if starts_all else float("nan")
-    print("\nSummary: share of valid samples in a group whose run starts at the group's most common "
-          f"position: fresh plans {agreement['fresh plans']:.2f}, shared plan {agreement['shared plan']:.2f} "
-          f"(higher with a shared plan = Z carries the position)")
+        kwargs = dict(plan=11, shared_plan=True) if shared else {}
+        tokens, z = model.generate(prompt, 65, generator=torch.Generator().manual_seed(3),
+                                   return_plan=True, **kwargs)
+        print(f"\n{'one shared plan' if shared else 'fresh plans'}, prompt '{letter}>' "
+              f"(first 4 plan codes of the body, H={cfg.latent_bits} bits):")
+        for row, codes in zip(tokens.tolist(), z[:, PROMPT_TOKENS:PROMPT_TOKENS + 4].tolist()):
+            body = decode(row[PROMPT_TOKENS:])[:64]
+            print(f"  {body}  {'ok ' if check_body(body, letter).valid else 'bad'}  z={codes}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--kappa", type=float, default=1.0, help="free bits per token of the FT")
+    ap.add_argument("--data", default=str(ROOT / "data" / "letters"))
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "demo"))
+    ap.add_argument("--out", default=str(ROOT / "results" / "demo"))
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    with one_line_errors():
+        from ft_ray.compare import run_compare
+
+        print("[demo] 1/4 letter-task shards", flush=True)
+        prepare_letters(Path(args.data), num_sequences=100_000)
+        owns_ray = ensure_ray()
+        print("[demo] 2/4 training the baseline and the Free Transformer (2 Ray Train workers each)", flush=True)
+        overrides = ["data.source=shards", f"data.path={args.data}", f"train.max_steps={args.steps}",
+                     f"train.storage_path={args.runs}", "train.name=letters"]
+        report = run_compare(resolve_preset("letters-ft"), overrides, [args.kappa], Path(args.out))
+        print("[demo] 3/4 samples from the Free Transformer's bundle", flush=True)
+        show_samples(Path(args.runs) / f"letters-kappa{args.kappa:g}" / "bundle")
+    if owns_ray:
+        import ray
+
+        ray.shutdown()
+    print(f"\n[demo] 4/4 done in {time.time() - t0:.0f} s. Report: {report}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,7 +7,6 @@ with an error naming the key or file, before a worker starts.
 from __future__ import annotations
 
 import dataclasses
-import os
 import uuid
 from pathlib import Path
 
@@ -60,11 +59,11 @@ def cpus_per_worker(cfg: Config) -> float:
     return max(0.1, (total - 1.0) / n) if total > 1 else 0.5 / n
 
 
-def fit(cfg: Config, kill_at: str | None = None):
+def fit(cfg: Config, kill_at: str | None = None, callbacks: list | None = None):
     """Run training and return Ray's `Result` (with `.return_value` = the final metrics).
-    `kill_at` is the fault drill of `loop._maybe_inject_failure` (tests)."""
+    `kill_at` is the fault drill of `loop._maybe_inject_failure` (tests); `callbacks` are Ray
+    Train callbacks (a sweep passes Tune's report callback)."""
     import ray.train
-    from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -85,16 +84,19 @@ def fit(cfg: Config, kill_at: str | None = None):
         run_config=RunConfig(
             name=tc.name, storage_path=str(run_dir.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
-            failure_config=FailureConfig(max_failures=tc.max_failures)),
+            failure_config=FailureConfig(max_failures=tc.max_failures), callbacks=callbacks or []),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True)),
+            datasets_to_split=["train"], execution_options=data_execution_options()),
     )
     result = trainer.fit()
     return result
 
 
-def ray_env() -> dict:
-    """Environment every process of ours should see (tests, jobs)."""
-    return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+def data_execution_options():
+    """Deterministic order (exact resume), and a bounded read-ahead: without a limit Ray Data
+    keeps producing into the object store and takes CPU from training on a small machine."""
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    return ExecutionOptions(preserve_order=True,
+                            resource_limits=ExecutionResources(object_store_memory=256 * 2**20))

@@ -1,0 +1,35 @@
+"""Text of one sample as it grows: stop strings, and how much of it is safe to stream.
+
+A sample's text is its generated tokens decoded (special tokens skipped). Two things can still
+change the end of that text when more tokens arrive, so a stream holds them back:
+- an incomplete UTF-8 character: byte-level tokenizers emit one byte per token, and the decoder
+  shows an incomplete character as U+FFFD until its last byte arrives;
+- a tail that is the beginning of a stop string: if the stop string completes, the text is cut
+  before it, and what was streamed could not be taken back.
+Everything before those tails never changes (decoders of byte-level and character tokenizers are
+prefix-stable), so streamed deltas concatenate to the final text.
+"""
+
+from __future__ import annotations
+
+REPLACEMENT = "\ufffd"  # what decoders show for bytes that are not (yet) a whole character
+
+
+def find_stop(text: str, stops: list[str]) -> int | None:
+    """Index where the earliest stop string starts in `text`, or None."""
+    hits = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(hits) if hits else None
+
+
+def streamable_length(text: str, stops: list[str]) -> int:
+    """How many leading characters of an unfinished sample's text can no longer change."""
+    end = len(text)
+    while end > 0 and text[end - 1] == REPLACEMENT:  # possibly a character still missing bytes
+        end -= 1
+    hold = 0
+    for s in stops:  # the longest tail that could still grow into a stop string
+        for k in range(min(len(s) - 1, end), hold, -1):
+            if text.endswith(s[:k], 0, end):
+                hold = k
+                break
+    return end - hold

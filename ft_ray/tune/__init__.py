@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over latent bits, free bits and seeds."""

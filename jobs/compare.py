@@ -1,0 +1,14 @@
+"""Compare a baseline and Free Transformers at several kappa on the same data (see ft_ray/compare.py).
+
+    python -m jobs.compare --config letters-ft --kappa 0.125 1 2
+    ray job submit --working-dir . -- python -m jobs.compare --config letters-ft
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ft_ray.compare import main
+
+if __name__ == "__main__":
+    sys.exit(main())
