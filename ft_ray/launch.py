@@ -16,6 +16,7 @@ EXIT_BAD_INPUT = 2
 DEFAULT_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # workers' datasets would flood the job log
     # an embedded cluster is private to this process; a cluster we join decides for itself
     "RAY_AUTH_MODE": "disabled",
 }

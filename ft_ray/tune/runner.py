@@ -17,10 +17,12 @@ import shutil
 import sys
 from pathlib import Path
 
+from ft_ray.config import ConfigError
 from ft_ray.launch import ensure_ray, one_line_errors
 from ft_ray.tune.space import SweepSpec, _overrides, load_space
 
 COLLAPSE_KL_BITS = 0.01  # below this KL per token the latent carries nothing
+TRIAL_DRIVER_CPU = 0.01  # the Tune function only waits for its TorchTrainer
 
 
 def _sampled_space(spec: SweepSpec) -> dict:
@@ -58,18 +60,23 @@ def make_trial(spec: SweepSpec, sweep_dir: Path):
 
 
 def concurrency(spec: SweepSpec) -> int:
-    """Trials at once: the cluster's CPUs minus one left for Ray Data, over a trial's CPUs."""
+    """Trials at once: what the cluster's CPUs allow after one whole CPU is left for Ray Data's
+    tasks (which need a full CPU each) and 0.01 CPU per trial driver. Anything more would leave
+    the data tasks pending forever: the small-machine starvation hang."""
     if spec.max_concurrent_trials:
         return int(spec.max_concurrent_trials)
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    per_trial = spec.resources.workers_per_trial * spec.resources.cpus_per_worker
-    limit = math.floor(max(cpus - 1.0, per_trial) / per_trial)
+    per_trial = spec.resources.workers_per_trial * spec.resources.cpus_per_worker + TRIAL_DRIVER_CPU
+    limit = math.floor((cpus - 1.0) / per_trial + 1e-9)
     if spec.resources.gpus_per_worker:
         gpus = ray.cluster_resources().get("GPU", 0.0)
-        limit = min(limit, max(1, math.floor(gpus / (spec.resources.workers_per_trial * spec.resources.gpus_per_worker))))
-    return max(1, limit)
+        limit = min(limit, math.floor(gpus / (spec.resources.workers_per_trial * spec.resources.gpus_per_worker)))
+    if limit < 1:
+        raise ConfigError("resources", f"a trial needs {per_trial:g} CPUs plus 1 for Ray Data, the cluster has "
+                                       f"{cpus:g}: lower resources.cpus_per_worker or workers_per_trial", str(spec.path))
+    return limit
 
 
 def run_sweep(space_path: str | Path) -> Path:
@@ -80,7 +87,7 @@ def run_sweep(space_path: str | Path) -> Path:
     sweep_dir = (Path(spec.storage_path).expanduser().resolve() / spec.name)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     ensure_ray()
-    trainable = tune.with_resources(make_trial(spec, sweep_dir), {"CPU": 0.01})  # the driver itself is idle
+    trainable = tune.with_resources(make_trial(spec, sweep_dir), {"CPU": TRIAL_DRIVER_CPU})
     scheduler = None
     if spec.scheduler:
         s = spec.scheduler
