@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description=runner.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     runner.add_arguments(sweep)
     sweep.set_defaults(func=runner.run)
+    from ft_ray.serve import cli as serve_cli
+
+    srv = sub.add_parser("serve", help="serve model bundles over HTTP with Ray Serve", description=serve_cli.__doc__)
+    serve_cli.add_arguments(srv)
+    srv.set_defaults(func=serve_cli.run)
     return parser
 
 

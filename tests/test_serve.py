@@ -1,0 +1,231 @@
+"""The Serve app on a real local Ray Serve instance (loopback only): OpenAI client, plans,
+batching under concurrency equal to unbatched references, bad input, overload, replica loss."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import socket
+import time
+
+import httpx
+import pytest
+import torch
+
+from ft_ray.config import ModelConfig
+from ft_ray.data.tokenizer import byte_tokenizer
+from ft_ray.model import BaselineTransformer, FreeTransformer
+from ft_ray.train.checkpoint import write_bundle
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tok = root.parent / "tokenizer.json"
+    byte_tokenizer().save(str(tok))
+    for name, arch in (("ft", "free_transformer"), ("base", "baseline")):
+        cfg = ModelConfig(arch=arch, vocab_size=259, hidden_dim=32, num_layers=2, num_heads=2, max_seq_len=96,
+                          latent_bits=4)
+        torch.manual_seed(0)
+        model = FreeTransformer(cfg) if arch == "free_transformer" else BaselineTransformer(cfg)
+        write_bundle(root / name, model.state_dict(), cfg, {"step": 0}, tok)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, models_dir):
+    from ray import serve
+
+    from serve_apps.app import app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app({"models_dir": str(models_dir)}), name="ft-ray", route_prefix="/")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    yield client
+    client.close()
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engines(models_dir):
+    from ft_ray.serve import Engine
+
+    return {name: Engine.from_bundle(models_dir / name, name=name) for name in ("ft", "base")}
+
+
+def test_health_and_models(server):
+    assert server.get("/healthz").json()["status"] == "ok"
+    assert [m["id"] for m in server.get("/v1/models").json()["data"]] == ["base", "ft"]
+
+
+def test_openai_client_with_and_without_streaming(server, engines):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=_url(server, "v1"), api_key="unused", max_retries=0)
+    done = client.completions.create(model="ft", prompt="The plan", max_tokens=12, seed=5, temperature=0.8,
+                                     extra_body={"plan": {"seed": 9}})
+    assert done.usage.completion_tokens == 12 and done.choices[0].finish_reason == "length"
+    assert len(done.choices[0].plan["codes"]) == 12  # the plan used comes back
+    chunks = list(client.completions.create(model="ft", prompt="The plan", max_tokens=12, seed=5, temperature=0.8,
+                                            stream=True, extra_body={"plan": {"seed": 9}}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def _url(server, path: str) -> str:
+    return f"{str(server.base_url).rstrip('/')}/{path}"
+
+
+def _post(server, body: dict) -> dict:
+    r = server.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_plans_reproduce_share_and_are_honoured(server):
+    body = {"model": "ft", "prompt": "xy", "max_tokens": 10, "seed": 3, "plan": {"seed": 4}, "n": 3}
+    a, b = _post(server, body), _post(server, body)
+    assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]
+    fresh = [c["plan"]["codes"] for c in a["choices"]]
+    assert len({tuple(c) for c in fresh}) == 3  # fresh plans differ between samples
+    shared = _post(server, {**body, "plan": {"seed": 4, "shared": True}})
+    assert len({tuple(c["plan"]["codes"]) for c in shared["choices"]}) == 1
+    codes = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    given = _post(server, {"model": "ft", "prompt": "xy", "max_tokens": 10, "seed": 3, "plan": {"codes": codes}})
+    assert given["choices"][0]["plan"]["codes"] == codes
+    first = a["choices"][0]
+    again = _post(server, {"model": "ft", "prompt": "xy", "max_tokens": 10, "seed": first["seed"],
+                           "plan": {"codes": first["plan"]["prompt_codes"] + first["plan"]["codes"]}})
+    assert again["choices"][0]["text"] == first["text"]  # the returned codes reproduce the sample
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"prompt": "a"}, 400, "model"),
+    ({"model": "nope", "prompt": "a"}, 404, "model"),
+    ({"model": "../ft", "prompt": "a"}, 400, "model"),
+    ({"model": "/etc", "prompt": "a"}, 400, "model"),
+    ({"model": "ft"}, 400, "prompt"),
+    ({"model": "ft", "prompt": 3}, 400, "prompt"),
+    ({"model": "ft", "prompt": "a" * 200}, 400, "prompt"),  # longer than the 96-token context
+    ({"model": "ft", "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "ft", "prompt": "a", "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"model": "ft", "prompt": "a" * 50, "max_tokens": 60}, 400, "max_tokens"),  # prompt + output > context
+    ({"model": "ft", "prompt": "a", "temperature": -1}, 400, "temperature"),
+    ({"model": "ft", "prompt": "a", "temperature": "hot"}, 400, "temperature"),
+    ({"model": "ft", "prompt": "a", "top_p": 0}, 400, "top_p"),
+    ({"model": "ft", "prompt": "a", "top_p": 1.5}, 400, "top_p"),
+    ({"model": "ft", "prompt": "a", "max_tokens": 3, "plan": {"codes": [0, 1, 99]}}, 400, "plan.codes"),
+    ({"model": "ft", "prompt": "a", "max_tokens": 3, "plan": {"codes": [0, 1]}}, 400, "plan.codes"),
+    ({"model": "base", "prompt": "a", "plan": {"seed": 1}}, 400, "plan"),
+    ({"model": "ft", "prompt": "a", "stream": "yes"}, 400, "stream"),
+    ({"model": "ft", "prompt": "a", "bogus": 1}, 400, "bogus"),
+])
+def test_bad_input_is_a_4xx_naming_the_field(server, body, status, param):
+    r = server.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] is not None and err["param"].startswith(param) and err["code"] == status
+
+
+def test_malformed_nan_and_oversized_bodies(server):
+    r = server.post("/v1/completions", content=b'{"model": "ft", "prompt": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+    r = server.post("/v1/completions", content=b'{"model": "ft", "prompt": "a", "temperature": NaN}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = server.post("/v1/completions", content=json.dumps({"model": "ft", "prompt": "a" * (2 << 20)}).encode())
+    assert r.status_code == 413
+
+
+def test_32_concurrent_clients_match_unbatched_references(server, engines):
+    bodies = [{"model": "ft" if i % 3 else "base", "prompt": "ab" * (1 + i % 5), "max_tokens": 6 + i % 7,
+               "temperature": [0, 0.7, 1.0][i % 3], "seed": i, **({"plan": {"seed": 100 + i}} if i % 3 else {})}
+              for i in range(64)]
+    with cf.ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(lambda b: httpx.post(_url(server, "v1/completions"), json=b, timeout=120), bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies)
+    for body, r in zip(bodies, responses):
+        engine = engines[body["model"]]
+        (ref,) = engine.generate([engine.validate(body, {"model"})])
+        got = r.json()["choices"][0]
+        assert got["text"] == ref.choices[0].text
+        if body["model"] == "ft":
+            assert got["plan"]["codes"] == ref.choices[0].codes.new
+
+
+def test_overload_gets_503_fast(server, models_dir):
+    from ray import serve
+
+    from serve_apps.app import FTServer
+
+    small = FTServer.options(name="Small", max_ongoing_requests=1, max_queued_requests=1).bind(str(models_dir))
+    serve.run(small, name="small", route_prefix="/small")
+    body = {"model": "ft", "prompt": "a", "max_tokens": 90, "temperature": 0}
+
+    def call(_):
+        t0 = time.perf_counter()
+        r = httpx.post(_url(server, "small/v1/completions"), json=body, timeout=120)
+        return r.status_code, time.perf_counter() - t0
+
+    try:
+        with cf.ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(call, range(12)))
+    finally:
+        serve.delete("small")
+    codes = [c for c, _ in results]
+    assert codes.count(200) >= 2 and codes.count(503) >= 1, codes
+    assert set(codes) <= {200, 503}
+    assert max(t for c, t in results if c == 503) < 5.0  # refused at once, not after queueing
+
+
+def test_replica_killed_under_load_is_replaced(server):
+    import threading
+
+    import ray
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA") and "FTServer" in a["name"] and "ft-ray" in a["name"]]
+    assert len(replicas) == 1, replicas
+    body = {"model": "base", "prompt": "ok", "max_tokens": 4, "temperature": 0}
+    log: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                r = httpx.post(_url(server, "v1/completions"), json=body, timeout=30)
+                log.append((time.monotonic(), r.status_code))
+            except httpx.HTTPError:
+                log.append((time.monotonic(), -1))
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    killed_at = time.monotonic()
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    deadline = killed_at + 90
+    while time.monotonic() < deadline:  # wait for a new replica to answer again
+        recent = [code for t, code in log if t > killed_at + 1]
+        if recent[-5:] == [200] * 5:
+            break
+        time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    before = [code for t, code in log if t < killed_at]
+    after = [code for t, code in log if t > killed_at + 1]
+    assert before and set(before) == {200}
+    assert after[-5:] == [200] * 5  # service continues on the replacement replica
+    new = [a for a in ray.util.list_named_actors(all_namespaces=True)
+           if a["name"].startswith("SERVE_REPLICA") and "FTServer" in a["name"] and "ft-ray" in a["name"]]
+    assert new and new[0]["name"] != replicas[0]["name"]
