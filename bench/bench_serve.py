@@ -1,0 +1,124 @@
+"""Serving benchmarks on a real local Ray Serve instance (loopback): dynamic batching vs
+max_batch_size=1 at 16 concurrent clients, latency percentiles, HTTP overhead vs in-process.
+
+Targets (issue 6): batched / unbatched throughput >= 3x; Serve HTTP overhead p50 <= 10 ms.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from bench.common import Row
+
+CLIENTS, PER_CLIENT, MAX_TOKENS = 16, 4, 64
+
+
+def _bundle(root: Path) -> Path:
+    from ft_ray.config import ModelConfig
+    from ft_ray.data.tokenizer import byte_tokenizer
+    from ft_ray.model import FreeTransformer
+    from ft_ray.train.checkpoint import write_bundle
+
+    tok = root / "tokenizer.json"
+    byte_tokenizer().save(str(tok))
+    cfg = ModelConfig(vocab_size=259, hidden_dim=128, num_layers=4, num_heads=4, max_seq_len=256, latent_bits=8)
+    torch.manual_seed(0)
+    write_bundle(root / "models" / "ft", FreeTransformer(cfg).state_dict(), cfg, {}, tok)
+    return root / "models"
+
+
+def _load(url: str) -> tuple[float, list[float], int]:
+    """16 concurrent clients x 4 requests each (one asyncio loop, so the load generator itself
+    takes little of the 2 cores); returns (wall seconds, latencies, generated tokens)."""
+    import asyncio
+
+    async def client(http: httpx.AsyncClient, c: int):
+        out = []
+        for i in range(PER_CLIENT):
+            body = {"model": "ft", "prompt": f"client {c} request {i}", "max_tokens": MAX_TOKENS,
+                    "temperature": 0.8, "seed": c * 100 + i, "plan": {"seed": i}}
+            t0 = time.perf_counter()
+            r = await http.post(url, json=body)
+            r.raise_for_status()
+            out.append((time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]))
+        return out
+
+    async def main():
+        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=CLIENTS)) as http:
+            return await asyncio.gather(*(client(http, c) for c in range(CLIENTS)))
+
+    t0 = time.perf_counter()
+    results = [x for chunk in asyncio.run(main()) for x in chunk]
+    return time.perf_counter() - t0, [lat for lat, _ in results], sum(n for _, n in results)
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def run(quick: bool = False) -> list[Row]:
+    import ray
+    from ray import serve
+
+    from ft_ray.serve import Engine
+    from serve_apps.app import FTServer
+
+    tmp = Path(tempfile.mkdtemp(prefix="ft-ray-bench-serve-"))
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    rows: list[Row] = []
+    try:
+        models = _bundle(tmp)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        measured = {}
+        for label, batch in (("batched", 16), ("unbatched", 1)):
+            dep = FTServer.options(max_ongoing_requests=32, max_queued_requests=64)
+            serve.run(dep.bind(str(models), max_batch_size=batch, batch_wait_timeout_s=0.02), name=label,
+                      route_prefix=f"/{label}")
+            url = f"http://127.0.0.1:{port}/{label}/v1/completions"
+            _load(url) if not quick else None  # warm-up
+            measured[label] = _load(url)
+            serve.delete(label)
+        (tb, lb, nb), (tu, lu, nu) = measured["batched"], measured["unbatched"]
+        rows += [Row("Serve req/s, dynamic batching / max_batch_size=1 (16 clients)", (len(lb) / tb) / (len(lu) / tu),
+                     "x", ">= 3", f"{len(lb) / tb:.1f} vs {len(lu) / tu:.1f} req/s"),
+                 Row("Serve tokens/s with batching (one replica, decode)", nb / tb, "tok/s", "",
+                     f"unbatched {nu / tu:.0f} tok/s"),
+                 Row("latency p50 / p99 with batching", _pct(lb, 0.5) * 1e3, "ms", "", f"p99 {_pct(lb, 0.99) * 1e3:.0f} ms"),
+                 Row("latency p50 / p99 unbatched", _pct(lu, 0.5) * 1e3, "ms", "", f"p99 {_pct(lu, 0.99) * 1e3:.0f} ms")]
+        # HTTP overhead: the same single requests, one at a time, over HTTP and in-process
+        serve.run(FTServer.bind(str(models), max_batch_size=1), name="one", route_prefix="/one")
+        engine = Engine.from_bundle(models / "ft", name="ft")
+        http_lat, local_lat = [], []
+        with httpx.Client(timeout=60) as http:
+            for i in range(30):
+                body = {"model": "ft", "prompt": f"overhead {i}", "max_tokens": 8, "temperature": 0, "seed": i}
+                t0 = time.perf_counter()
+                http.post(f"http://127.0.0.1:{port}/one/v1/completions", json=body).raise_for_status()
+                http_lat.append(time.perf_counter() - t0)
+                req = engine.validate(body, {"model"})
+                t0 = time.perf_counter()
+                engine.generate([req])
+                local_lat.append(time.perf_counter() - t0)
+        overhead = statistics.median(http_lat[5:]) - statistics.median(local_lat[5:])
+        rows.append(Row("Serve HTTP overhead vs in-process engine, p50", overhead * 1e3, "ms", "<= 10",
+                        f"HTTP {statistics.median(http_lat[5:]) * 1e3:.1f} ms, in-process "
+                        f"{statistics.median(local_lat[5:]) * 1e3:.1f} ms (8 tokens)"))
+        serve.shutdown()
+        ray.shutdown()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
