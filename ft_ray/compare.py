@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ft_ray.config import Config, load_config
-from ft_ray.launch import ensure_ray, one_line_errors, resolve_preset
+from ft_ray.launch import command_main, ensure_ray, one_line_errors, resolve_preset
 from ft_ray.report import (
     evaluate_bundle,
     markdown_table,
@@ -132,9 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return command_main(__doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -68,3 +68,12 @@ def one_line_errors():
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"ft-ray: error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def command_main(doc: str | None, add_arguments, run, argv: list[str] | None = None) -> int:
+    """`main()` of a `python -m jobs.<name>` entry point: parse with `add_arguments`, then `run`."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))

@@ -15,6 +15,18 @@ os.environ.update(
 )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and a second thread would fight the Ray workers
+    (and anything else on a 2-core machine) for the other core."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A private local Ray cluster for the session; shut down (only it) at the end."""

@@ -25,13 +25,6 @@ from ft_ray.train.checkpoint import write_bundle
 EOS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_bundle(root, name: str, arch: str, tokenizer, seed: int = 0):
     tok_file = root / f"{name}-tokenizer.json"

@@ -23,14 +23,6 @@ from ft_ray.model.latent import (
 P_MIN = 1e-3  # reject a frequency test only when its p-value is below this
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: OpenMP threads only add synchronisation cost (and stall on a busy machine)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ----------------------------------------------------------------------------------------------
 # helpers

@@ -17,15 +17,6 @@ from ft_ray.model.latent import log_q, sample_codes, uniform_codes
 from ft_ray.model.sampling import filter_logits, sample_next
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: OpenMP threads only add synchronisation cost (and stall on a busy machine)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=48, hidden_dim=32, num_layers=4, num_heads=4, latent_bits=4,
                 max_seq_len=64, init_std=0.1)

@@ -15,7 +15,7 @@ import json
 import sys
 
 from ft_ray.config import load_config
-from ft_ray.launch import ensure_ray, one_line_errors, resolve_preset
+from ft_ray.launch import command_main, ensure_ray, one_line_errors, resolve_preset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,6 +48,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return command_main(__doc__, add_arguments, run, argv)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ft_ray.config import ConfigError
-from ft_ray.launch import ensure_ray, one_line_errors
+from ft_ray.launch import command_main, ensure_ray, one_line_errors
 from ft_ray.tune.space import SweepSpec, _overrides, load_space
 
 COLLAPSE_KL_BITS = 0.01  # below this KL per token the latent carries nothing
@@ -207,9 +207,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return command_main(__doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
