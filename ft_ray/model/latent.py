@@ -95,9 +95,9 @@ class _SampleAndEmbed(torch.autograd.Function):
             for start in range(0, num_codes, chunk):
                 d = torch.arange(start, min(start + chunk, num_codes), device=lf.device)
                 bits = code_bits(d, num_bits).float()  # (C, H)
-                gd = torch.exp(base + lf @ bits.T)  # (N, C) probabilities of these codes
-                cg = (gf @ weight[start:start + len(d)].float().T) * gd  # c_d G_d   (N, C)
-                s1 += cg @ bits
+                cg = torch.addmm(base, lf, bits.T).exp_()  # (N, C) G_d: probabilities of these codes
+                cg.mul_(gf @ weight[start:start + len(d)].float().T)  # c_d G_d, in place: 2 (N, C) buffers
+                s1.addmm_(cg, bits)
                 s0 += cg.sum(-1, keepdim=True)
             grad_logits = (s1 - p * s0).reshape(logits.shape).to(logits.dtype)
         return grad_logits, grad_weight, None, None
