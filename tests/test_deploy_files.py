@@ -270,6 +270,9 @@ def check_runtime_env(env: dict, where: str) -> None:
     pip = env["pip"]
     packages = pip["packages"] if isinstance(pip, dict) else pip
     assert packages == deps_without_ray(), f"{where}: pip must be pyproject's dependencies minus ray"
+    from ray.runtime_env import RuntimeEnv
+
+    RuntimeEnv(**env)  # Ray's own validation (remote working_dir scheme, pip fields)
 
 
 def check_shared_volume(docs: dict, spec: dict, where: str) -> None:
@@ -304,6 +307,7 @@ def test_rayjob_manifest():
     assert gpu["template"]["spec"]["containers"][0]["image"].endswith("-gpu")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic notices from importing Ray Serve
 def test_rayservice_manifest():
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
