@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ft_ray.config import Config, load_config
+from ft_ray.data.pipeline import synthetic_task_of
 from ft_ray.launch import command_main, ensure_ray, one_line_errors, resolve_preset
 from ft_ray.report import (
     evaluate_bundle,
@@ -88,7 +89,7 @@ def run_compare(cfg_path: Path, overrides: list[str], kappas: list[float], out_d
         train = read_csv(run_dir / "train.csv")
         if len(train) > 1:
             row["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in train[1:])
-        if cfg.data.source == "synthetic" and cfg.data.task == "letters":
+        if synthetic_task_of(cfg.data) == "letters":
             row.update(letter_plan_eval(model, num_groups=8, seed=1))
         if cfg.model.arch == "free_transformer":
             models[label] = model
@@ -106,7 +107,7 @@ def run_compare(cfg_path: Path, overrides: list[str], kappas: list[float], out_d
              markdown_table(rows, COLUMNS), "", f"![curves]({plot_curves(run_dirs, out_dir / 'curves.png').name})"]
     if len(kl_points) > 1:
         lines.append(f"![kl]({plot_kl_vs_kappa(kl_points, out_dir / 'kl_vs_kappa.png').name})")
-    if models and configs["baseline"].data.source == "synthetic" and configs["baseline"].data.task == "letters":
+    if models and synthetic_task_of(configs["baseline"].data) == "letters":
         lines += ["", "Samples (the paper's Fig. 4): per model, rows with fresh plans, then rows sharing one plan.",
                   f"![samples]({plot_letter_samples(models, out_dir / 'samples.png').name})"]
     report = out_dir / "report.md"

@@ -85,3 +85,42 @@ def test_metric_must_be_reported_by_every_arm(tmp_path):
 def test_shipped_spaces_are_valid():
     sizes = {p.stem: len(load_space(p).grid_arms()) for p in (ROOT / "tune_spaces").glob("*.yaml")}
     assert sizes == {"smoke": 2, "latent_free_bits": 25, "seeds": 6}
+
+
+@pytest.mark.timeout(420)
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
+    """A sweep stopped with Ctrl-C (SIGINT) after its first trial finished, then run again: the
+    finished trial keeps its bundle untouched, the other one completes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ft_ray.tune.runner import run_sweep
+
+    space = _space(tmp_path, max_concurrent_trials=1, scheduler=None)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.sweep", "--space", str(space)], cwd=ROOT,
+                            env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    sweep_dir = tmp_path / "sweeps" / "smoke"
+    deadline = time.monotonic() + 240
+    bundles: list[Path] = []
+    while time.monotonic() < deadline and not bundles:
+        bundles = list((sweep_dir / "trials").glob("*/bundle/model.safetensors"))
+        time.sleep(1)
+    assert bundles, "the first trial did not finish in time"
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    first = bundles[0]
+    stamp = first.stat().st_mtime_ns
+    assert not (sweep_dir / "results.csv").exists()  # it really stopped before the end
+    run_sweep(space)
+    rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    assert first.stat().st_mtime_ns == stamp  # the finished trial was not trained again
+    assert len(list((sweep_dir / "trials").glob("*/bundle/model.safetensors"))) == 2

@@ -65,6 +65,19 @@ class _SyntheticBatch:
         return {"tokens": synthetic_rows(self.task, self.seed, self.stream, batch["id"])}
 
 
+def synthetic_task_of(data: DataConfig) -> str | None:
+    """The synthetic task the data come from (generated on the fly, or shards written by
+    `ft-ray data synthetic`), or None for real text."""
+    if data.source == "synthetic":
+        return data.task
+    from ft_ray.data.shards import load_manifest
+
+    try:
+        return load_manifest(data.path).get("task")
+    except DataError:
+        return None
+
+
 def resolve_data(data: DataConfig, model: ModelConfig) -> DataInfo:
     """Check the data against the model and return what the run needs to know; no Ray needed."""
     if data.source == "synthetic":

@@ -41,7 +41,7 @@ def letter_plan_eval(model, num_groups: int, group_size: int = 8, seed: int = 0)
     for g in range(num_groups):
         letter = LETTERS[g % len(LETTERS)]
         prompt = torch.tensor([prompt_ids(letter)] * group_size, device=device)
-        for shared in (False, True):
+        for shared in (False, True) if hasattr(model, "encoder") else (False,):  # a baseline has no plan
             gen = torch.Generator(device=device).manual_seed(seed * 1000 + g)
             kwargs = dict(plan=seed * 1000 + g, shared_plan=True) if shared else {}
             tokens = model.generate(prompt, 65, generator=gen, **kwargs)
