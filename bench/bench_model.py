@@ -114,7 +114,7 @@ def memory_rows() -> list[Row]:
             Row("train step peak memory, FT H=16", peak["free_transformer"], "MiB", "",
                 "includes W's gradient (2^16 x D fp32 = 64 MiB) and the encoder block"),
             Row("mapper fwd+bwd working memory at H=16 / one dense B*T*2^H fp32 tensor", peak["mapper"] / dense_mib,
-                "x", "<= 0.25", f"{peak['mapper']:.0f} MiB vs {dense_mib:.0f} MiB for G alone (chunks of 2^22 floats)")]
+                "x", "<= 0.25", f"{peak['mapper']:.0f} MiB vs {dense_mib:.0f} MiB for G alone (chunks of 2^21 floats)")]
 
 
 def generation_rows() -> list[Row]:

@@ -63,7 +63,7 @@ class ModelConfig:
     inject_layer: int | None = None  # 0-based injection block; None -> num_layers // 2
     latent_init: Literal["normal", "zero"] = "normal"  # init of the post-sampler table W
     latent_init_std: float = 1.0  # std of W when latent_init == "normal"
-    mapper_chunk_elems: int = 1 << 22  # bound on (tokens x codes) floats per chunk in the mapper
+    mapper_chunk_elems: int = 1 << 21  # bound on (tokens x codes) floats per chunk in the mapper
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:

@@ -105,7 +105,7 @@ class _SampleAndEmbed(torch.autograd.Function):
 
 def sample_and_embed(logits: torch.Tensor, weight: torch.Tensor,
                      generator: torch.Generator | None = None,
-                     chunk_elems: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+                     chunk_elems: int = 1 << 21) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample codes from `logits` (..., H) and embed them with the table `weight` (2^H, D).
 
     Returns (r (..., D), codes (...) int64). The forward value is the gathered row W[code];
