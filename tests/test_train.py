@@ -217,6 +217,12 @@ def test_rerun_same_name_continues_from_last_checkpoint(uninterrupted):
     assert result.return_value["step"] == 8
     rows = (base_dir / "a" / "train.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [2, 4, 6, 8]  # steps 7-8 only: it resumed
+    bundle = base_dir / "a" / "bundle" / "model.safetensors"
+    stamp = bundle.stat().st_mtime_ns
+    again = fit(smoke_cfg(base_dir, "a", "train.num_workers=2", "train.max_steps=8"))
+    assert again.return_value["step"] == 8 and again.return_value["loss"] == result.return_value["loss"]
+    assert len((base_dir / "a" / "train.csv").read_text().splitlines()) == 5  # a finished run trains nothing
+    assert bundle.stat().st_mtime_ns == stamp
 
 
 def test_smoke_run_metrics_are_finite(uninterrupted):

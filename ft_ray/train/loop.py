@@ -10,6 +10,7 @@ DCP checkpoint; at the end the serving bundle.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -126,6 +127,8 @@ def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str 
     with runtime.latest_checkpoint() as ckpt:
         if ckpt is not None:  # ...which the checkpoint restores, so a resumed run draws the same Z
             pos = Position(**load_checkpoint(ckpt, model, optimizer, scheduler, rank))
+    if pos.step >= tc.max_steps:  # a finished run started again: report its result, train nothing
+        return _finished(model, cfg, runtime, run_dir, tokenizer_path, precision, pos.step)
     log = MetricsWriter(run_dir, enabled=rank == 0)
     if rank == 0:
         (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
@@ -196,12 +199,30 @@ def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str 
 
     final = {"step": pos.step, **metrics, **{f"val_{k}": v for k, v in last_eval.items()}}
     if tc.export_bundle:
-        state = full_state_dict(model)  # collective
-        if rank == 0:
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-            write_bundle(run_dir / "bundle", state, cfg.model, final, tokenizer_path, dtype)
-            print(f"[ft-ray] bundle written to {run_dir / 'bundle'}", flush=True)
+        _export(model, cfg, run_dir, tokenizer_path, precision, final, rank)
     log.close()
+    return final
+
+
+def _export(model, cfg: Config, run_dir: Path, tokenizer_path, precision: str, metrics: dict, rank: int) -> None:
+    state = full_state_dict(model)  # collective
+    if rank == 0:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        write_bundle(run_dir / "bundle", state, cfg.model, metrics, tokenizer_path, dtype)
+        print(f"[ft-ray] bundle written to {run_dir / 'bundle'}", flush=True)
+
+
+def _finished(model, cfg: Config, runtime, run_dir: Path, tokenizer_path, precision: str, step: int) -> dict:
+    """The run already reached max_steps: keep its bundle (or write it, if the run stopped between
+    its last checkpoint and the export) and report its final metrics once."""
+    metrics_file = run_dir / "bundle" / "metrics.json"
+    final = json.loads(metrics_file.read_text()) if metrics_file.exists() else {"step": step}
+    if cfg.train.export_bundle and final.get("step") != step:
+        final = {"step": step}
+        _export(model, cfg, run_dir, tokenizer_path, precision, final, runtime.rank)
+    if runtime.rank == 0:
+        print(f"[ft-ray] {run_dir} already finished at step {step}: nothing to train", flush=True)
+    runtime.report(final)
     return final
 
 
