@@ -56,6 +56,18 @@ def _plt():
     return plt
 
 
+def save_figure(fig, axes, out: Path) -> Path:
+    """Legend and grid on every axis, tight layout, PNG, close."""
+    plt = _plt()
+    for ax in np.atleast_1d(axes):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_curves(runs: dict[str, Path], out: Path) -> Path:
     """Training loss and validation NLL (ELBO for FTs) per run."""
     plt = _plt()
@@ -69,13 +81,7 @@ def plot_curves(runs: dict[str, Path], out: Path) -> Path:
             axes[1].plot([r["step"] for r in ev], [r["nll"] for r in ev], marker="o", label=label)
     axes[0].set(title="training loss (CE + free-bits term)", xlabel="step", ylabel="nats/token")
     axes[1].set(title="validation NLL bound (exact for baseline, ELBO for FT)", xlabel="step", ylabel="nats/token")
-    for ax in axes:
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, axes, out)
 
 
 def plot_kl_vs_kappa(points: list[tuple[float, float, float]], out: Path) -> Path:
@@ -88,12 +94,7 @@ def plot_kl_vs_kappa(points: list[tuple[float, float, float]], out: Path) -> Pat
     ax.plot(ks, ks, linestyle=":", color="gray", label="KL = kappa")
     ax.plot(ks, [p[2] / math.log(2) for p in points], marker="s", label="Z-usage gap (bits/token)")
     ax.set(xscale="log", xlabel="free bits kappa (bits/token)", title="What the latent carries vs kappa")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, ax, out)
 
 
 @torch.no_grad()

@@ -153,7 +153,7 @@ def write_results(spec: SweepSpec, sweep_dir: Path, grid) -> Path:
 
 
 def _plots(rows: list[dict], out: Path) -> None:
-    from ft_ray.report import _plt
+    from ft_ray.report import _plt, save_figure
 
     ft = [r for r in rows if r.get("model.arch", "free_transformer") != "baseline"
           and r.get("model.free_bits") is not None and r["val_nll"] is not None]
@@ -170,12 +170,7 @@ def _plots(rows: list[dict], out: Path) -> None:
             axes[0].axhline(r["val_nll"], color="black", linestyle=":", label="baseline")
     axes[0].set(xscale="log", xlabel="kappa (bits/token)", ylabel="honest val NLL bound (nats/token)")
     axes[1].set(xscale="log", xlabel="kappa (bits/token)", ylabel="KL (bits/token)")
-    for ax in axes:
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "nll_kl_vs_kappa.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, axes, out / "nll_kl_vs_kappa.png")
     hs = sorted({r.get("model.latent_bits") for r in ft if r.get("model.latent_bits") is not None})
     ks = sorted({r["model.free_bits"] for r in ft})
     if len(hs) > 1 and len(ks) > 1:
