@@ -1,26 +1,33 @@
 """The main demo: a Free Transformer and a baseline learn the paper's letter task on Ray.
 
     python -m jobs.demo [--steps 800] [--kappa 1.0] [--out results/demo]
+    ray job submit --working-dir . -- python -m jobs.demo --steps 400
 
 1. writes the letter-task shards (data/letters; reused when present),
 2. trains a baseline and a Free Transformer on them with 2 Ray Train workers (FSDP2),
    reusing finished runs,
 3. evaluates both honestly and writes results/demo/report.md (table, curves, the Fig. 4 picture),
-4. prints samples with fresh and shared plans and the plan codes that made them.
+4. deploys the Ray Serve app with both bundles and calls it over HTTP with fresh and shared
+   plans; the served samples, how often they agree on the run's position, and a replay of one
+   sample from its returned seed and codes are added to the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from ft_ray.launch import ensure_ray, one_line_errors, resolve_preset
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVED_LETTERS = "KQX"  # one group of samples per letter and plan mode
+GROUP_SIZE = 8
 
 
 def prepare_letters(out: Path, num_sequences: int) -> None:
@@ -33,21 +40,77 @@ def prepare_letters(out: Path, num_sequences: int) -> None:
     write_synthetic_shards("letters", num_sequences, seed=0, out_dir=out, val_fraction=0.02)
 
 
-def show_samples(bundle: Path, letter: str = "K", n: int = 6) -> None:
-    from ft_ray.data.letters import PROMPT_TOKENS, check_body, decode, prompt_ids
-    from ft_ray.train.checkpoint import load_bundle
+def copy_bundles(bundles: dict[str, Path], models_dir: Path) -> Path:
+    """The Serve app's model directory: one copy of each bundle under its served name (copies,
+    not links: the app refuses names that resolve outside its directory)."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    for name, bundle in bundles.items():
+        shutil.copytree(bundle, models_dir / name, dirs_exist_ok=True)
+    return models_dir
 
-    model, cfg, _ = load_bundle(bundle)
-    prompt = torch.tensor([prompt_ids(letter)] * n)
-    for shared in (False, True):
-        kwargs = dict(plan=11, shared_plan=True) if shared else {}
-        tokens, z = model.generate(prompt, 65, generator=torch.Generator().manual_seed(3),
-                                   return_plan=True, **kwargs)
-        print(f"\n{'one shared plan' if shared else 'fresh plans'}, prompt '{letter}>' "
-              f"(first 4 plan codes of the body, H={cfg.latent_bits} bits):")
-        for row, codes in zip(tokens.tolist(), z[:, PROMPT_TOKENS:PROMPT_TOKENS + 4].tolist()):
-            body = decode(row[PROMPT_TOKENS:])[:64]
-            print(f"  {body}  {'ok ' if check_body(body, letter).valid else 'bad'}  z={codes}")
+
+def served_group(url: str, model: str, letter: str, plan: dict | None, seed: int) -> list[dict]:
+    from ft_ray.serve.cli import post_json
+
+    body = {"model": model, "prompt": f"{letter}>", "max_tokens": 65, "n": GROUP_SIZE, "seed": seed}
+    if plan is not None:
+        body["plan"] = plan
+    return post_json(f"{url}/v1/completions", body)["choices"]
+
+
+def score(choices: list[dict], letter: str) -> tuple[float, float | None]:
+    """(valid fraction, share of valid samples at the group's most common start)."""
+    from ft_ray.data.letters import check_body
+
+    checks = [check_body(c["text"][:64], letter) for c in choices]
+    starts = [c.start for c in checks if c.valid]
+    agree = np.unique(starts, return_counts=True)[1].max() / len(starts) if len(starts) >= 2 else None
+    return float(np.mean([c.valid for c in checks])), agree
+
+
+def serve_step(bundles: dict[str, Path], out: Path, port: int) -> list[str]:
+    """Deploy both bundles, sample them over HTTP, return the report's lines."""
+    from ft_ray.serve.cli import deploy, free_port, get_json, post_json
+
+    url = deploy(copy_bundles(bundles, out / "models").resolve(), port=port or free_port())
+    served = [m["id"] for m in get_json(f"{url}/v1/models")["data"]]
+    print(f"[demo] serving {', '.join(served)} at {url}", flush=True)
+    lines = ["", "## Served over HTTP (Ray Serve)", "",
+             f"`POST {url}/v1/completions` on the demo's own Serve app; {GROUP_SIZE} samples per request "
+             f"(`n`), prompts {', '.join(f'`{c}>`' for c in SERVED_LETTERS)}. *same start* is the share of "
+             "a group's valid samples that put the run at the group's most common position.", "",
+             "| model | plan | valid | same start | first sample (prompt K>) |", "|---|---|---|---|---|"]
+    replay = None
+    for name in served:
+        modes = {"fresh plans": lambda g: {"seed": 100 + g}, "one shared plan": lambda g: {"seed": 100 + g, "shared": True}}
+        if name == "baseline":
+            modes = {"(no latent)": lambda g: None}
+        for mode, plan_of in modes.items():
+            valid, agree, first = [], [], None
+            for g, letter in enumerate(SERVED_LETTERS):
+                choices = served_group(url, name, letter, plan_of(g), seed=g + 1)
+                v, a = score(choices, letter)
+                valid.append(v)
+                agree += [a] if a is not None else []
+                first = first or choices[0]
+                print(f"[demo] {name}, {mode}, '{letter}>':", flush=True)
+                for c in choices[:4]:
+                    codes = c.get("plan", {}).get("codes", [])[:4]
+                    print(f"    {c['text'][:64]}  {'z=' + str(codes) if codes else ''}", flush=True)
+            share = f"{np.mean(agree):.2f}" if agree else ""
+            lines.append(f"| {name} | {mode} | {np.mean(valid):.2f} | {share} | `{first['text'][:64]}` |")
+            if mode == "one shared plan":
+                replay = (name, first)
+    if replay is not None:  # the returned seed and codes reproduce a sample exactly
+        name, c = replay
+        again = post_json(f"{url}/v1/completions", {
+            "model": name, "prompt": f"{SERVED_LETTERS[0]}>", "max_tokens": 65, "seed": c["seed"],
+            "plan": {"codes": c["plan"]["prompt_codes"] + c["plan"]["codes"]}})["choices"][0]["text"]
+        lines += ["", f"Replaying the first shared-plan sample from its returned `seed` and plan codes gives "
+                      f"{'the same text' if again == c['text'] else 'a DIFFERENT text'}."]
+        print(f"[demo] replay of a served sample from its seed and codes: {'same' if again == c['text'] else 'DIFFERENT'}")
+    (out / "served.json").write_text(json.dumps({"url": url, "models": served}, indent=2))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(ROOT / "data" / "letters"))
     ap.add_argument("--runs", default=str(ROOT / "runs" / "demo"))
     ap.add_argument("--out", default=str(ROOT / "results" / "demo"))
+    ap.add_argument("--port", type=int, default=0, help="HTTP port of the Serve step (default: a free one)")
     args = ap.parse_args(argv)
     t0 = time.time()
+    out, runs = Path(args.out), Path(args.runs)
     with one_line_errors():
         from ft_ray.compare import run_compare
 
@@ -67,10 +132,19 @@ def main(argv: list[str] | None = None) -> int:
         owns_ray = ensure_ray()
         print("[demo] 2/4 training the baseline and the Free Transformer (2 Ray Train workers each)", flush=True)
         overrides = ["data.source=shards", f"data.path={args.data}", f"train.max_steps={args.steps}",
-                     f"train.storage_path={args.runs}", "train.name=letters"]
-        report = run_compare(resolve_preset("letters-ft"), overrides, [args.kappa], Path(args.out))
-        print("[demo] 3/4 samples from the Free Transformer's bundle", flush=True)
-        show_samples(Path(args.runs) / f"letters-kappa{args.kappa:g}" / "bundle")
+                     f"train.storage_path={runs}", "train.name=letters"]
+        report = run_compare(resolve_preset("letters-ft"), overrides, [args.kappa], out)
+    print("[demo] 3/4 Ray Serve: both bundles over HTTP, fresh and shared plans", flush=True)
+    from ray import serve
+
+    bundles = {"baseline": runs / "letters-baseline" / "bundle",
+               f"ft-kappa{args.kappa:g}": runs / f"letters-kappa{args.kappa:g}" / "bundle"}
+    try:
+        lines = serve_step(bundles, out, args.port)
+    finally:
+        serve.shutdown() if owns_ray else serve.delete("ft-ray")
+    with report.open("a") as f:
+        f.write("\n".join(lines) + "\n")
     if owns_ray:
         import ray
 

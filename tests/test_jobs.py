@@ -1,5 +1,6 @@
 """Entry points end to end on the session's Ray cluster: the demo (shards -> Ray Train ->
-honest comparison report -> samples), and its reuse of finished runs and data."""
+honest comparison report -> Ray Serve over HTTP with fresh and shared plans), and its reuse of
+finished runs and data."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def test_demo_end_to_end_then_reuse(ray_cluster, tmp_path, capsys):
     assert rows["FT kappa=1"]["nll"] >= rows["FT kappa=1"]["ce_post"]  # the ELBO includes the KL
     assert rows["FT kappa=1"]["iwae"] <= rows["FT kappa=1"]["nll"] + 0.05  # IWAE-8 is no looser
     assert "one shared plan" in out and "z=[" in out
+    served = report.split("## Served over HTTP (Ray Serve)")[1]  # the Serve step's section
+    assert "| baseline | (no latent) |" in served and "| ft-kappa1 | one shared plan |" in served
+    assert "gives the same text" in served  # a served sample replayed from its returned seed and codes
+    assert json.loads((tmp_path / "out" / "served.json").read_text())["models"] == ["baseline", "ft-kappa1"]
     bundle = tmp_path / "runs" / "letters-kappa1" / "bundle" / "model.safetensors"
     stamp = bundle.stat().st_mtime_ns
     assert main(args) == 0  # a second demo reuses the shards and the finished runs
