@@ -207,6 +207,45 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_with_same_result(uninter
     assert steps == [2, 4, 6]  # step 2 logged once before the kill, then 4 and 6 after the restart
 
 
+@pytest.mark.timeout(300)
+def test_driver_killed_then_rerun_resumes_to_the_same_result(uninterrupted, tmp_path):
+    """`python -m jobs.train` joined to the session cluster is SIGKILLed once its first checkpoint
+    is registered; running the same name again resumes from it and ends bit-identical to the
+    uninterrupted run (runs before the test below, which trains run `a` further)."""
+    import signal
+    import time
+
+    import ray
+
+    from ft_ray.train.trainer import fit
+
+    base_dir, _ = uninterrupted
+    cfg = smoke_cfg(tmp_path, "d", "train.num_workers=2")
+    sets = [x for key in ("storage_path", "name", "max_steps", "checkpoint_every", "log_every", "eval_every",
+                          "sample_groups", "num_workers")
+            for x in ("--set", f"train.{key}={getattr(cfg.train, key)}")]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    with (tmp_path / "driver.log").open("w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "jobs.train", "--config", "smoke", *sets,
+                                   "--set", "data.batch_size=4"], cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    run_dir = tmp_path / "d"
+    deadline = time.monotonic() + 180
+    while not (run_dir / "checkpoint_manager_snapshot.json").exists():  # Ray registered a checkpoint
+        assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    assert not (run_dir / "bundle").exists()  # killed mid-run, not after it finished
+    result = fit(cfg)
+    assert result.return_value["step"] == 6
+    steps = [int(line.split(",")[0]) for line in (run_dir / "train.csv").read_text().splitlines()[1:]]
+    assert steps[0] == 2 and steps[-1] == 6 and len(steps) == len(set(steps))  # resumed, no step twice
+    a = load_bundle(base_dir / "a" / "bundle")[0]
+    d = load_bundle(run_dir / "bundle")[0]
+    assert max_param_diff(a, d) == 0.0
+
+
 @pytest.mark.timeout(240)
 def test_rerun_same_name_continues_from_last_checkpoint(uninterrupted):
     from ft_ray.train.trainer import fit
