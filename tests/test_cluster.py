@@ -2,7 +2,8 @@
 with cluster-fake.yaml's autoscaler (its own ports and process group, a 1-CPU head), a smoke
 training job sent with `ray job submit --working-dir` that needs more CPUs than the head has (the
 autoscaler adds a worker node), `serve deploy serve_apps/config.yaml` of the job's bundle queried
-over HTTP, and the idle worker node removed again. Only this cluster's processes are stopped."""
+over HTTP, and the idle worker node removed again. The training reads shards that an earlier
+`jobs.prepare_data` job wrote. Only this cluster's processes are stopped."""
 
 from __future__ import annotations
 
@@ -143,23 +144,34 @@ def cluster():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def trained_run(cluster):
-    """`ray job submit --working-dir .` of the smoke training job; 2 workers x 1 CPU do not fit the
-    1-CPU head, so the job can only finish once the autoscaler has added a worker node."""
-    runs = cluster.tmp / "runs"
-    job_id = f"ft-ray-e2e-{os.getpid()}"
+def _submit(cluster: Cluster, name: str, *entrypoint: str, timeout: float = 400) -> tuple[str, str]:
+    """`ray job submit --working-dir <repo>` of `python -m jobs.<...>`; waits for the end and
+    returns (status, logs)."""
+    job_id = f"ft-ray-{name}-{os.getpid()}"
     submit = _cli("ray", "job", "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(ROOT),
-                  "--", "python", "-m", "jobs.train", "--config", "smoke", "--set", "train.cpus_per_worker=1",
-                  "--set", f"train.storage_path={runs}", "--set", "train.name=e2e", env=cluster.client_env)
+                  "--", "python", "-m", *entrypoint, env=cluster.client_env)
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
     def finished():  # the job REST API the CLI itself uses
         status = get_json(f"{cluster.address}/api/jobs/{job_id}", timeout_s=10)["status"]
         return status if status in ("SUCCEEDED", "FAILED", "STOPPED") else None
 
-    status = _wait(f"job {job_id}", finished, timeout=400, every=3)
-    logs = _cli("ray", "job", "logs", job_id, env=cluster.client_env).stdout
+    status = _wait(f"job {job_id}", finished, timeout=timeout, every=3)
+    return status, _cli("ray", "job", "logs", job_id, env=cluster.client_env).stdout
+
+
+@pytest.fixture(scope="module")
+def trained_run(cluster):
+    """Two jobs: letter-task shards (jobs.prepare_data), then the smoke training on them. 2
+    workers x 1 CPU do not fit the 1-CPU head, so training can only finish once the autoscaler
+    has added a worker node."""
+    data, runs = cluster.tmp / "data", cluster.tmp / "runs"
+    status, logs = _submit(cluster, "data", "jobs.prepare_data", "synthetic", "--num-sequences", "2000",
+                           "--out", str(data), timeout=120)
+    assert status == "SUCCEEDED" and f"outputs: {data}" in logs, logs[-3000:]
+    status, logs = _submit(cluster, "train", "jobs.train", "--config", "smoke", "--set", "train.cpus_per_worker=1",
+                           "--set", "data.source=shards", "--set", f"data.path={data}",
+                           "--set", f"train.storage_path={runs}", "--set", "train.name=e2e")
     return status, logs, runs / "e2e"
 
 

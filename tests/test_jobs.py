@@ -37,3 +37,15 @@ def test_demo_end_to_end_then_reuse(ray_cluster, tmp_path, capsys):
     again = capsys.readouterr().out
     assert "reusing the letter-task shards" in again and again.count("reusing the finished run") == 2
     assert bundle.stat().st_mtime_ns == stamp
+
+
+def test_prepare_data_entry_point_writes_shards_and_says_where(tmp_path, capsys):
+    from ft_ray.data.shards import validate_shards
+    from jobs.prepare_data import main
+
+    assert main(["synthetic", "--task", "letters", "--num-sequences", "50", f"--out={tmp_path / 'd'}"]) == 0
+    assert f"outputs: {tmp_path / 'd'}" in capsys.readouterr().out
+    assert validate_shards(tmp_path / "d")["splits"]["train"]["num_sequences"] == 50
+    assert main(["synthetic", "--num-sequences", "0", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "num_sequences" in err and "Traceback" not in err

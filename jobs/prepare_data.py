@@ -1,0 +1,31 @@
+"""Write token shards: a synthetic task or a real corpus (see ft_ray/data/cli.py).
+
+    python -m jobs.prepare_data synthetic --task letters --num-sequences 100000 --out data/letters
+    python -m jobs.prepare_data corpus --source stdlib --tokenizer bpe:4096 --seq-len 256 --out data/stdlib
+    ray job submit --working-dir . -- python -m jobs.prepare_data synthetic --out /shared/data/letters
+
+On a cluster, --out must be a path that every node reaches (a shared file system): the training
+job's workers read the shards from there.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ft_ray.data.cli import main as data_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    status = data_main(["data", *argv])
+    outs = [a.split("=", 1)[1] for a in argv if a.startswith("--out=")]
+    outs += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--out"]
+    if status == 0 and outs:
+        out = Path(outs[-1]).resolve()
+        print(f"[ft-ray] outputs: {out} (Parquet shards, manifest.json, tokenizer.json)", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
