@@ -62,6 +62,7 @@ class Cluster:
         self.node_ip = ray.util.get_node_ip_address()  # what `ray start` advertises for this host
         fake["provider"]["gcs_address"] = f"{self.node_ip}:{self.gcs_port}"  # fake nodes join our GCS
         fake["idle_timeout_minutes"] = IDLE_TIMEOUT_MIN
+        fake["max_workers"] = fake["available_node_types"]["ray.worker.gpu"]["max_workers"] = 1  # 2 cores here
         (tmp / "fake.yaml").write_text(yaml.safe_dump(fake))
         head_cpus = fake["available_node_types"][fake["head_node_type"]]["resources"]["CPU"]
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the head joins nothing
@@ -171,7 +172,7 @@ def trained_run(cluster):
     assert status == "SUCCEEDED" and f"outputs: {data}" in logs, logs[-3000:]
     status, logs = _submit(cluster, "train", "jobs.train", "--config", "smoke", "--set", "train.cpus_per_worker=1",
                            "--set", "data.source=shards", "--set", f"data.path={data}",
-                           "--set", f"train.storage_path={runs}", "--set", "train.name=e2e")
+                           "--set", "train.eval_every=20", "--set", f"train.storage_path={runs}", "--set", "train.name=e2e")
     return status, logs, runs / "e2e"
 
 
