@@ -187,6 +187,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
         _check(bool(self.storage_path), "storage_path", "must be a path")
+        _check("://" not in self.storage_path, "storage_path",
+               f"must be a local or mounted path that every node reaches, not a URI: {self.storage_path!r} "
+               "(mount the bucket, e.g. with Mountpoint for Amazon S3)")
         _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.cpus_per_worker is None or self.cpus_per_worker > 0, "cpus_per_worker",
                f"must be > 0, got {self.cpus_per_worker}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -20,6 +21,13 @@ DEFAULT_ENV = {
     # an embedded cluster is private to this process; a cluster we join decides for itself
     "RAY_AUTH_MODE": "disabled",
 }
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` now (for a private Serve instance, test clusters, ...)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def resolve_preset(name_or_path: str) -> Path:

@@ -1,7 +1,8 @@
 """The main demo: a Free Transformer and a baseline learn the paper's letter task on Ray.
 
     python -m jobs.demo [--steps 800] [--kappa 1.0] [--out results/demo]
-    ray job submit --working-dir . -- python -m jobs.demo --steps 400
+    ray job submit --working-dir . -- python -m jobs.demo --data /shared/data/letters \
+        --runs /shared/runs/demo --out /shared/results/demo    # paths every node reaches
 
 1. writes the letter-task shards (data/letters; reused when present),
 2. trains a baseline and a Free Transformer on them with 2 Ray Train workers (FSDP2),
@@ -28,6 +29,7 @@ from ft_ray.launch import ensure_ray, one_line_errors, resolve_preset
 ROOT = Path(__file__).resolve().parent.parent
 SERVED_LETTERS = "KQX"  # one group of samples per letter and plan mode
 GROUP_SIZE = 8
+APP = "ft-ray-demo"  # the demo's Serve application (and route prefix), apart from a user's `ft-ray`
 
 
 def prepare_letters(out: Path, num_sequences: int) -> None:
@@ -69,10 +71,27 @@ def score(choices: list[dict], letter: str) -> tuple[float, float | None]:
 
 
 def serve_step(bundles: dict[str, Path], out: Path, port: int) -> list[str]:
-    """Deploy both bundles, sample them over HTTP, return the report's lines."""
-    from ft_ray.serve.cli import deploy, free_port, get_json, post_json
+    """Deploy both bundles as the app `ft-ray-demo`, sample them over HTTP, remove the app (and
+    Serve, when this step started it); return the report's lines."""
+    from ray import serve
 
-    url = deploy(copy_bundles(bundles, out / "models").resolve(), port=port or free_port())
+    from ft_ray.launch import free_port
+    from ft_ray.serve.cli import deploy
+
+    models = copy_bundles(bundles, out / "models").resolve()
+    url, started = deploy(models, port=port or free_port(), name=APP, route_prefix=f"/{APP}")
+    try:
+        return sample_served(url, out)
+    finally:
+        if started:
+            serve.shutdown()
+        else:  # a Serve instance of the cluster's: leave it and its other apps alone
+            serve.delete(APP)
+
+
+def sample_served(url: str, out: Path) -> list[str]:
+    from ft_ray.serve.cli import get_json, post_json
+
     served = [m["id"] for m in get_json(f"{url}/v1/models")["data"]]
     print(f"[demo] serving {', '.join(served)} at {url}", flush=True)
     lines = ["", "## Served over HTTP (Ray Serve)", "",
@@ -135,14 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"train.storage_path={runs}", "train.name=letters"]
         report = run_compare(resolve_preset("letters-ft"), overrides, [args.kappa], out)
     print("[demo] 3/4 Ray Serve: both bundles over HTTP, fresh and shared plans", flush=True)
-    from ray import serve
-
     bundles = {"baseline": runs / "letters-baseline" / "bundle",
                f"ft-kappa{args.kappa:g}": runs / f"letters-kappa{args.kappa:g}" / "bundle"}
-    try:
-        lines = serve_step(bundles, out, args.port)
-    finally:
-        serve.shutdown() if owns_ray else serve.delete("ft-ray")
+    lines = serve_step(bundles, out, args.port)
     with report.open("a") as f:
         f.write("\n".join(lines) + "\n")
     if owns_ray:

@@ -11,20 +11,12 @@ job's workers read the shards from there.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from ft_ray.data.cli import main as data_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    status = data_main(["data", *argv])
-    outs = [a.split("=", 1)[1] for a in argv if a.startswith("--out=")]
-    outs += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--out"]
-    if status == 0 and outs:
-        out = Path(outs[-1]).resolve()
-        print(f"[ft-ray] outputs: {out} (Parquet shards, manifest.json, tokenizer.json)", flush=True)
-    return status
+    return data_main(["data", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -17,19 +17,19 @@ import tempfile
 import threading
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ft_ray.serve.cli import free_port, get_json, post_json
+from ft_ray.launch import free_port
+from ft_ray.serve.cli import get_json, post_json
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's `ray`, `serve` and `python`
 IDLE_TIMEOUT_MIN = 0.25  # cluster-fake.yaml says 1 minute; the test waits 15 s instead
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)  # includes the module fixtures: head, data job, train job
 
 
 def _cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -172,7 +172,8 @@ def trained_run(cluster):
     assert status == "SUCCEEDED" and f"outputs: {data}" in logs, logs[-3000:]
     status, logs = _submit(cluster, "train", "jobs.train", "--config", "smoke", "--set", "train.cpus_per_worker=1",
                            "--set", "data.source=shards", "--set", f"data.path={data}",
-                           "--set", "train.eval_every=20", "--set", f"train.storage_path={runs}", "--set", "train.name=e2e")
+                           "--set", "train.eval_every=20", "--set", f"train.storage_path={runs}",
+                           "--set", "train.name=e2e", timeout=300)
     return status, logs, runs / "e2e"
 
 

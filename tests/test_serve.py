@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import socket
 import time
 
 import httpx
@@ -14,16 +13,12 @@ import torch
 
 from ft_ray.config import ModelConfig
 from ft_ray.data.tokenizer import byte_tokenizer
+from ft_ray.launch import free_port
 from ft_ray.model import BaselineTransformer, FreeTransformer
 from ft_ray.train.checkpoint import write_bundle
 
 pytestmark = pytest.mark.timeout(300)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +41,7 @@ def server(ray_cluster, models_dir):
 
     from serve_apps.app import app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app({"models_dir": str(models_dir)}), name="ft-ray", route_prefix="/")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ft_ray.config import Config, ConfigError, ModelConfig, load_config
+from ft_ray.launch import free_port
 from ft_ray.model import BaselineTransformer, FreeTransformer
 from ft_ray.train.checkpoint import full_state_dict, load_bundle, write_bundle
 from ft_ray.train.optim import lr_at, param_groups
@@ -23,10 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
 
 
+def smoke_overrides(tmp: Path, name: str, *overrides: str) -> list[str]:
+    return [f"train.storage_path={tmp}", f"train.name={name}", "train.max_steps=6", "train.checkpoint_every=2",
+            "train.log_every=2", "train.eval_every=100", "train.sample_groups=0", "data.batch_size=4", *overrides]
+
+
 def smoke_cfg(tmp: Path, name: str, *overrides: str) -> Config:
-    return load_config(SMOKE, [f"train.storage_path={tmp}", f"train.name={name}", "train.max_steps=6",
-                               "train.checkpoint_every=2", "train.log_every=2", "train.eval_every=100",
-                               "train.sample_groups=0", "data.batch_size=4", *overrides])
+    return load_config(SMOKE, smoke_overrides(tmp, name, *overrides))
 
 
 def max_param_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
@@ -61,15 +64,26 @@ def test_weight_decay_only_on_matrices():
     assert any(p is model.post_sampler.weight for p in decay["params"])
 
 
+def test_metrics_of_a_resumed_run_keep_one_row_per_step(tmp_path):
+    from ft_ray.train.metrics import MetricsWriter
+
+    log = MetricsWriter(tmp_path)
+    for step in (2, 4, 6):
+        log.write("train", step, {"loss": float(step)})
+    log.write("eval", 6, {"nll": 1.0})
+    log.close()
+    resumed = MetricsWriter(tmp_path, resume_step=4)  # the checkpoint was at step 4; 5-6 run again
+    resumed.write("train", 6, {"loss": 60.0})
+    resumed.close()
+    rows = (tmp_path / "train.csv").read_text().splitlines()
+    assert rows == ["step,loss", "2,2.0", "4,4.0", "6,60.0"]
+    assert (tmp_path / "eval.csv").read_text().splitlines() == ["step,nll"]
+
+
 # ----------------------------------------------------------------------------------------------
 # FSDP2 on 2 gloo ranks equals the unsharded model
 # ----------------------------------------------------------------------------------------------
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fsdp_worker(rank: int, world: int, port: int, result_dir: str) -> None:
@@ -120,7 +134,7 @@ def _fsdp_worker(rank: int, world: int, port: int, result_dir: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_fsdp2_forward_backward_equals_unsharded(tmp_path):
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
 
 
@@ -220,27 +234,31 @@ def test_driver_killed_then_rerun_resumes_to_the_same_result(uninterrupted, tmp_
     from ft_ray.train.trainer import fit
 
     base_dir, _ = uninterrupted
-    cfg = smoke_cfg(tmp_path, "d", "train.num_workers=2")
-    sets = [x for key in ("storage_path", "name", "max_steps", "checkpoint_every", "log_every", "eval_every",
-                          "sample_groups", "num_workers")
-            for x in ("--set", f"train.{key}={getattr(cfg.train, key)}")]
+    overrides = smoke_overrides(tmp_path, "d", "train.num_workers=2")
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     with (tmp_path / "driver.log").open("w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "jobs.train", "--config", "smoke", *sets,
-                                   "--set", "data.batch_size=4"], cwd=ROOT, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        driver = subprocess.Popen([sys.executable, "-m", "jobs.train", "--config", "smoke",
+                                   *(x for o in overrides for x in ("--set", o))], cwd=ROOT, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     run_dir = tmp_path / "d"
-    deadline = time.monotonic() + 180
-    while not (run_dir / "checkpoint_manager_snapshot.json").exists():  # Ray registered a checkpoint
-        assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
-        time.sleep(0.05)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run_dir / "checkpoint_manager_snapshot.json").exists():  # Ray registered a checkpoint
+            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
+            time.sleep(0.05)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    deadline = time.monotonic() + 120  # the driver's Train controller and workers go with it
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, "the killed driver's workers still hold CPUs"
+        time.sleep(0.5)
     assert not (run_dir / "bundle").exists()  # killed mid-run, not after it finished
+    cfg = load_config(SMOKE, overrides)
     result = fit(cfg)
     assert result.return_value["step"] == 6
     steps = [int(line.split(",")[0]) for line in (run_dir / "train.csv").read_text().splitlines()[1:]]
-    assert steps[0] == 2 and steps[-1] == 6 and len(steps) == len(set(steps))  # resumed, no step twice
+    assert steps == [2, 4, 6]  # resumed; a row logged after the checkpoint (then lost) is not repeated
     a = load_bundle(base_dir / "a" / "bundle")[0]
     d = load_bundle(run_dir / "bundle")[0]
     assert max_param_diff(a, d) == 0.0
@@ -293,6 +311,8 @@ def test_storage_path_not_writable(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(ConfigError, match="train.storage_path"):
         resolve(smoke_cfg(blocker, "x"))
+    with pytest.raises(ConfigError, match="train.storage_path.*not a URI"):
+        smoke_cfg("s3://bucket/runs", "x")  # would silently become a local ./s3:/bucket directory
 
 
 def test_config_that_does_not_fit_the_data(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import time
 import urllib.error
@@ -19,33 +18,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=8)
 
 
+def running_http_options():
+    """The HTTP options of the Serve instance already running on the connected cluster, or None."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else client.http_config
+
+
 def deploy(models_dir: Path, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8,
-           timeout_s: float = 120.0) -> str:
-    """Deploy the Serve app over the bundles of `models_dir` on the connected Ray cluster and wait
-    until /healthz answers 200 (the weights are loaded). Returns the base URL."""
+           name: str = "ft-ray", route_prefix: str = "/", timeout_s: float = 120.0) -> tuple[str, bool]:
+    """Deploy the Serve app over the bundles of `models_dir` on the connected Ray cluster as
+    application `name` at `route_prefix`, and wait until its /healthz answers 200 (the weights are
+    loaded). Serve is started on host:port unless it already runs (its proxy then keeps its own
+    address: Serve ignores new HTTP options). Returns (the app's base URL, whether Serve was
+    started here, i.e. whether the caller owns its shutdown)."""
     from ray import serve
 
     from serve_apps.app import app
 
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app({"models_dir": str(models_dir), "max_batch_size": max_batch_size}), name="ft-ray",
-              route_prefix="/", blocking=False)
-    url = f"http://{host}:{port}"
+    running = running_http_options()
+    if running is None:
+        serve.start(http_options={"host": host, "port": port})
+    else:
+        host = "127.0.0.1" if running.host in ("0.0.0.0", "::") else running.host
+        port = running.port
+    serve.run(app({"models_dir": str(models_dir), "max_batch_size": max_batch_size}), name=name,
+              route_prefix=route_prefix, blocking=False)
+    url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            get_json(f"{url}/healthz")
-            return url
-        except (urllib.error.URLError, ConnectionError) as e:
+            get_json(f"{url}/healthz", timeout_s=5)
+            return url, running is None
+        except OSError as e:  # URLError, refused connections and read time-outs alike
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Serve app at {url} not healthy after {timeout_s:.0f} s: {e}") from None
             time.sleep(0.5)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str, timeout_s: float = 60.0) -> dict:
@@ -78,11 +87,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"ft-ray: error: --models: no bundle (config.json + model.safetensors) under {models}", file=sys.stderr)
         return 2
     ensure_ray()
-    url = deploy(models.resolve(), args.host, args.port, args.max_batch_size)
+    url, started = deploy(models.resolve(), args.host, args.port, args.max_batch_size)
     print(f"[ft-ray] serving {', '.join(names)} at {url}/v1/completions (Ctrl-C stops)", flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        if started:
+            serve.shutdown()
+        else:
+            serve.delete("ft-ray")
     return 0

@@ -129,7 +129,7 @@ def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str 
             pos = Position(**load_checkpoint(ckpt, model, optimizer, scheduler, rank))
     if pos.step >= tc.max_steps:  # a finished run started again: report its result, train nothing
         return _finished(model, cfg, runtime, run_dir, tokenizer_path, precision, pos.step)
-    log = MetricsWriter(run_dir, enabled=rank == 0)
+    log = MetricsWriter(run_dir, enabled=rank == 0, resume_step=pos.step)
     if rank == 0:
         (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
         print(f"[ft-ray] {cfg.model.arch}: {model.num_params() if world == 1 else 'sharded'} params, "

@@ -33,14 +33,31 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS of this worker
 
 
+def _drop_rows_after(path: Path, step: int) -> None:
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2 or rows[0][:1] != ["step"]:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[0])) <= step]
+    if len(kept) < len(rows):
+        tmp = path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        tmp.replace(path)
+
+
 class MetricsWriter:
     """One CSV per kind of row (train.csv, eval.csv) plus TensorBoard scalars under tb/."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int = 0):
+        """`resume_step`: the step of the checkpoint the run continues from. Rows logged after it
+        (by a run killed before its next checkpoint) are dropped: those steps run, and log, again."""
         self.dir, self.enabled = Path(run_dir), enabled
         self._tb = None
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
+            for path in self.dir.glob("*.csv"):
+                _drop_rows_after(path, resume_step)
             try:
                 from tensorboardX import SummaryWriter
 
