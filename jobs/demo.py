@@ -1,6 +1,6 @@
 """The main demo: a Free Transformer and a baseline learn the paper's letter task on Ray.
 
-    python -m jobs.demo [--steps 800] [--kappa 1.0] [--out results/demo]
+    python -m jobs.demo [--steps 600] [--kappa 1.0] [--out results/demo]
     ray job submit --working-dir . -- python -m jobs.demo --data /shared/data/letters \
         --runs /shared/runs/demo --out /shared/results/demo    # paths every node reaches
 
@@ -134,7 +134,8 @@ def sample_served(url: str, out: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=600, help="training steps per model (default: 600, "
+                    "where Z already carries the run's position)")
     ap.add_argument("--kappa", type=float, default=1.0, help="free bits per token of the FT")
     ap.add_argument("--data", default=str(ROOT / "data" / "letters"))
     ap.add_argument("--runs", default=str(ROOT / "runs" / "demo"))
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         owns_ray = ensure_ray()
         print("[demo] 2/4 training the baseline and the Free Transformer (2 Ray Train workers each)", flush=True)
         overrides = ["data.source=shards", f"data.path={args.data}", f"train.max_steps={args.steps}",
-                     f"train.storage_path={runs}", "train.name=letters"]
+                     f"train.eval_every={max(1, args.steps // 2)}", f"train.storage_path={runs}", "train.name=letters"]
         report = run_compare(resolve_preset("letters-ft"), overrides, [args.kappa], out)
     print("[demo] 3/4 Ray Serve: both bundles over HTTP, fresh and shared plans", flush=True)
     bundles = {"baseline": runs / "letters-baseline" / "bundle",
