@@ -39,7 +39,7 @@ def prepare_letters(out: Path, num_sequences: int) -> None:
         validate_shards(out)
         print(f"[demo] reusing the letter-task shards in {out}", flush=True)
         return
-    write_synthetic_shards("letters", num_sequences, seed=0, out_dir=out, val_fraction=0.02)
+    write_synthetic_shards("letters", num_sequences, seed=0, out_dir=out, val_fraction=0.01)
 
 
 def copy_bundles(bundles: dict[str, Path], models_dir: Path) -> Path:
