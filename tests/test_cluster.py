@@ -169,7 +169,7 @@ def trained_run(cluster):
     data, runs = cluster.tmp / "data", cluster.tmp / "runs"
     status, logs = _submit(cluster, "data", "jobs.prepare_data", "synthetic", "--num-sequences", "2000",
                            "--out", str(data), timeout=120)
-    assert status == "SUCCEEDED" and f"outputs: {data}" in logs, logs[-3000:]
+    assert status == "SUCCEEDED" and f"wrote {data}: train 2000 sequences" in logs, logs[-3000:]
     status, logs = _submit(cluster, "train", "jobs.train", "--config", "smoke", "--set", "train.cpus_per_worker=1",
                            "--set", "data.source=shards", "--set", f"data.path={data}",
                            "--set", "train.eval_every=20", "--set", f"train.storage_path={runs}",

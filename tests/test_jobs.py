@@ -44,7 +44,7 @@ def test_prepare_data_entry_point_writes_shards_and_says_where(tmp_path, capsys)
     from jobs.prepare_data import main
 
     assert main(["synthetic", "--task", "letters", "--num-sequences", "50", f"--out={tmp_path / 'd'}"]) == 0
-    assert f"outputs: {tmp_path / 'd'}" in capsys.readouterr().out
+    assert f"wrote {tmp_path / 'd'}: train 50 sequences" in capsys.readouterr().out  # where the shards went
     assert validate_shards(tmp_path / "d")["splits"]["train"]["num_sequences"] == 50
     assert main(["synthetic", "--num-sequences", "0", "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err

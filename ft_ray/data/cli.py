@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ft_ray.data.errors import DataError
 
@@ -99,7 +98,6 @@ def run_data(args: argparse.Namespace) -> int:
     except (DataError, OSError) as e:
         print(f"ft-ray data {args.data_command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"[ft-ray] outputs: {Path(args.out).resolve()} (Parquet shards, manifest.json, tokenizer.json)", flush=True)
     return 0
 
 
