@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(ROOT / "data" / "letters"))
     ap.add_argument("--runs", default=str(ROOT / "runs" / "demo"))
     ap.add_argument("--out", default=str(ROOT / "results" / "demo"))
+    ap.add_argument("--num-sequences", type=int, default=100_000,
+                    help="letter-task training sequences to write (validation: 1%% more; default: 100000)")
     ap.add_argument("--port", type=int, default=0, help="HTTP port of the Serve step (default: a free one)")
     args = ap.parse_args(argv)
     t0 = time.time()
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         from ft_ray.compare import run_compare
 
         print("[demo] 1/4 letter-task shards", flush=True)
-        prepare_letters(Path(args.data), num_sequences=100_000)
+        prepare_letters(Path(args.data), num_sequences=args.num_sequences)
         owns_ray = ensure_ray()
         print("[demo] 2/4 training the baseline and the Free Transformer (2 Ray Train workers each)", flush=True)
         overrides = ["data.source=shards", f"data.path={args.data}", f"train.max_steps={args.steps}",

@@ -14,7 +14,7 @@ import pytest
 def test_demo_end_to_end_then_reuse(ray_cluster, tmp_path, capsys):
     from jobs.demo import main
 
-    args = ["--steps", "12", "--data", str(tmp_path / "letters"), "--runs", str(tmp_path / "runs"),
+    args = ["--steps", "12", "--num-sequences", "10000", "--data", str(tmp_path / "letters"), "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path / "out")]
     assert main(args) == 0
     out = capsys.readouterr().out
