@@ -60,16 +60,6 @@ def served_group(url: str, model: str, letter: str, plan: dict | None, seed: int
     return post_json(f"{url}/v1/completions", body)["choices"]
 
 
-def score(choices: list[dict], letter: str) -> tuple[float, float | None]:
-    """(valid fraction, share of valid samples at the group's most common start)."""
-    from ft_ray.data.letters import check_body
-
-    checks = [check_body(c["text"][:64], letter) for c in choices]
-    starts = [c.start for c in checks if c.valid]
-    agree = np.unique(starts, return_counts=True)[1].max() / len(starts) if len(starts) >= 2 else None
-    return float(np.mean([c.valid for c in checks])), agree
-
-
 def serve_step(bundles: dict[str, Path], out: Path, port: int) -> list[str]:
     """Deploy both bundles as the app `ft-ray-demo`, sample them over HTTP, remove the app (and
     Serve, when this step started it); return the report's lines."""
@@ -91,6 +81,7 @@ def serve_step(bundles: dict[str, Path], out: Path, port: int) -> list[str]:
 
 def sample_served(url: str, out: Path) -> list[str]:
     from ft_ray.serve.cli import get_json, post_json
+    from ft_ray.train.evaluate import score_group
 
     served = [m["id"] for m in get_json(f"{url}/v1/models")["data"]]
     print(f"[demo] serving {', '.join(served)} at {url}", flush=True)
@@ -108,7 +99,7 @@ def sample_served(url: str, out: Path) -> list[str]:
             valid, agree, first = [], [], None
             for g, letter in enumerate(SERVED_LETTERS):
                 choices = served_group(url, name, letter, plan_of(g), seed=g + 1)
-                v, a = score(choices, letter)
+                v, a = score_group([c["text"][:64] for c in choices], letter)
                 valid.append(v)
                 agree += [a] if a is not None else []
                 first = first or choices[0]

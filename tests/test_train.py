@@ -64,6 +64,17 @@ def test_weight_decay_only_on_matrices():
     assert any(p is model.post_sampler.weight for p in decay["params"])
 
 
+def test_score_group_counts_valid_samples_and_start_agreement():
+    from ft_ray.train.evaluate import score_group
+
+    def body(start: int) -> str:
+        return "_" * start + "K" * 8 + "_" * (56 - start)
+
+    valid, agree = score_group([body(5), body(5), body(10), "K" * 64], "K")
+    assert valid == 0.75 and agree == pytest.approx(2 / 3)  # 3 valid bodies, 2 of them start at 5
+    assert score_group([body(3), "_" * 64], "K") == (0.5, None)  # one valid body: no agreement
+
+
 def test_metrics_of_a_resumed_run_keep_one_row_per_step(tmp_path):
     from ft_ray.train.metrics import MetricsWriter
 

@@ -32,6 +32,16 @@ def batch_metrics(model, tokens: torch.Tensor, iwae_samples: int = 0) -> dict[st
     return out
 
 
+def score_group(bodies: list[str], letter: str) -> tuple[float, float | None]:
+    """One group of letter-task bodies (64 characters each) from the same prompt: (the share of
+    valid samples, the share of valid samples whose run starts at the group's most common
+    position, or None with fewer than 2 valid samples)."""
+    checks = [check_body(body, letter) for body in bodies]
+    starts = [c.start for c in checks if c.valid]
+    agree = float(np.unique(starts, return_counts=True)[1].max() / len(starts)) if len(starts) >= 2 else None
+    return float(np.mean([c.valid for c in checks])), agree
+
+
 @torch.no_grad()
 def letter_plan_eval(model, num_groups: int, group_size: int = 8, seed: int = 0) -> dict[str, float]:
     """Sample groups from letter prompts with fresh plans and with one shared plan per group.
@@ -46,10 +56,9 @@ def letter_plan_eval(model, num_groups: int, group_size: int = 8, seed: int = 0)
             gen = torch.Generator(device=device).manual_seed(seed * 1000 + g)
             kwargs = dict(plan=seed * 1000 + g, shared_plan=True) if shared else {}
             tokens = model.generate(prompt, 65, generator=gen, **kwargs)
-            checks = [check_body(decode(row[PROMPT_TOKENS:])[:64], letter) for row in tokens.tolist()]
+            valid, agree = score_group([decode(row[PROMPT_TOKENS:])[:64] for row in tokens.tolist()], letter)
             tag = "shared" if shared else "fresh"
-            stats[f"valid_{tag}"].append(float(np.mean([c.valid for c in checks])))
-            starts = [c.start for c in checks if c.valid]
-            if len(starts) >= 2:
-                stats[f"pos_agree_{tag}"].append(np.unique(starts, return_counts=True)[1].max() / len(starts))
+            stats[f"valid_{tag}"].append(valid)
+            if agree is not None:
+                stats[f"pos_agree_{tag}"].append(agree)
     return {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
