@@ -491,6 +491,19 @@ def test_baseline_rejects_a_plan():
     assert seq.shape == (2, 10) and z is None
 
 
+def test_generation_first_then_training_and_its_outputs_are_ordinary_tensors():
+    """Decoding runs under inference_mode: a model that generates before it trains (the RoPE
+    tables are built on first use) still trains, and its tokens and codes feed a training forward."""
+    ft = tiny_ft()
+    seq, z = ft.generate(torch.zeros(2, 4, dtype=torch.int64), 6, plan=1, return_plan=True)
+    assert not seq.is_inference() and not z.is_inference()
+    out = ft(seq, z=z)  # a grad-enabled forward that saves the codes for backward
+    out.logits.sum().backward()
+    assert ft.post_sampler.weight.grad.abs().sum() > 0
+    seq[:, 0] = 1  # in place, outside inference mode
+    ft.loss(seq)["loss"].backward()
+
+
 def test_generate_argument_checks():
     ft = tiny_ft()
     with pytest.raises(ValueError):

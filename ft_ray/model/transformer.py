@@ -79,8 +79,9 @@ class BaselineTransformer(nn.Module):
             raise ValueError(f"sequence of {pos + length} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         device = self.embed.weight.device
         if device not in self._rope_cache:
-            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
-            self._rope_cache[device] = (cos.to(device), sin.to(device))  # (max_len, hd/2) each
+            with torch.inference_mode(False):  # ordinary tensors even when generation builds them
+                cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+                self._rope_cache[device] = (cos.to(device), sin.to(device))  # (max_len, hd/2) each
         cos, sin = self._rope_cache[device]
         return cos[pos:pos + length], sin[pos:pos + length]
 
@@ -141,7 +142,6 @@ class BaselineTransformer(nn.Module):
         """The latent_fn that injects fixed codes (None for the baseline)."""
         return None
 
-    @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, plan=None,
                  generator: torch.Generator | None = None, use_cache: bool = True,
@@ -153,7 +153,20 @@ class BaselineTransformer(nn.Module):
         LongTensor gives codes for the new positions ((N,) or (B, N)) or for the whole sequence
         ((T0+N,) or (B, T0+N)). `shared_plan=True` gives every row one whole plan, drawn once.
         `z` is (B, T0+N) for the FT and None for the baseline.
+
+        Decoding runs under `torch.inference_mode` (no autograd bookkeeping per op: batch-1 decode
+        is dominated by per-op overhead and weight reads); the results are returned as ordinary
+        tensors, so they can be fed to a training forward or modified in place.
         """
+        with torch.inference_mode():
+            seq, codes = self._generate(prompt, max_new_tokens, temperature, top_k, top_p, plan,
+                                        generator, use_cache, shared_plan)
+        seq = seq.clone()
+        codes = None if codes is None else codes.clone()
+        return (seq, codes) if return_plan else seq
+
+    def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, plan, generator,
+                  use_cache, shared_plan) -> tuple[torch.Tensor, torch.Tensor | None]:
         if prompt.dim() == 1:
             prompt = prompt.unsqueeze(0)
         B, T0 = prompt.shape
@@ -180,4 +193,4 @@ class BaselineTransformer(nn.Module):
             else:  # full recompute with the same codes
                 cur = None if codes is None else codes[:, :seq.shape[1]]
                 logits = self._forward_tokens(seq, self._codes_fn(cur))[:, -1]
-        return (seq, codes) if return_plan else seq
+        return seq, codes

@@ -290,7 +290,7 @@ class Engine:
                 prepared.plan_seeds = [derive_seed(rows[j].seed, "plan") for j in range(count)]
         return prepared
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _run(self, prepared: list[_Prepared]) -> Iterator[list[tuple[_Row, str]]]:
         """Prefill every request, then decode all unfinished rows one token per step. Yields, per
         step, (row, text delta) for every row that got a token."""
