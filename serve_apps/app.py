@@ -64,6 +64,18 @@ def choice_json(choice, index: int) -> dict:
     return out
 
 
+async def _next_in_thread(events):
+    """next(events, None) on a worker thread. If the caller is cancelled meanwhile, the step in
+    flight is awaited before the cancellation goes on, so the caller may then close `events`
+    (closing a generator that another thread is running raises)."""
+    step = asyncio.ensure_future(asyncio.to_thread(next, events, None))
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        await asyncio.wait({step})
+        raise
+
+
 @serve.deployment(max_ongoing_requests=16, max_queued_requests=32, ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class FTServer:
@@ -76,6 +88,7 @@ class FTServer:
         self._generate_batch.set_max_batch_size(max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.ready = False
+        self.active_streams = 0  # streamed generations in progress (GET /healthz reports it)
         self._preload = preload if preload is not None else list_models(self.models_dir)[:4]
 
     async def _ensure_ready(self) -> None:
@@ -143,7 +156,7 @@ class FTServer:
             await self._ensure_ready()
         except Exception as e:  # a bundle that does not load keeps the replica unhealthy
             return error(503, f"models not loaded: {e}")
-        return {"status": "ok", "models": self._preload}
+        return {"status": "ok", "models": self._preload, "active_streams": self.active_streams}
 
     async def check_health(self) -> None:
         """Serve's replica health check: a replica whose models cannot load is replaced."""
@@ -176,30 +189,35 @@ class FTServer:
 
     async def _sse(self, engine: Engine, reqs: list[GenerationRequest], rid: str, created: int):
         """Server-sent events, one per text delta, then [DONE]. A client that disconnects stops
-        the generation: the engine's iterator is closed when this generator is."""
+        the generation: Serve cancels this generator, which lets the decode step in flight finish
+        (one token) and closes the engine's iterator, so no further token is computed."""
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
-        for p, req in enumerate(reqs):
-            events = engine.stream(req)
-            try:
-                while True:
-                    event = await asyncio.to_thread(next, events, None)
-                    if event is None:
-                        break
-                    chunk = {"index": p * req.n + event.index, "text": event.text, "logprobs": None,
-                             "finish_reason": event.finish_reason}
-                    if event.choice is not None:
-                        chunk.update(choice_json(event.choice, chunk["index"]), text=event.text)
-                    if event.usage is not None:
-                        usage["prompt_tokens"] += event.usage.prompt_tokens
-                        usage["completion_tokens"] += event.usage.completion_tokens
-                    payload = {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
-                               "choices": [chunk]}
-                    yield f"data: {json.dumps(payload)}\n\n"
-            finally:
-                events.close()
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        yield f"data: {json.dumps({'id': rid, 'object': 'text_completion', 'created': created, 'model': engine.name, 'choices': [], 'usage': usage})}\n\n"
-        yield "data: [DONE]\n\n"
+        self.active_streams += 1
+        try:
+            for p, req in enumerate(reqs):
+                events = engine.stream(req)
+                try:
+                    while True:
+                        event = await _next_in_thread(events)
+                        if event is None:
+                            break
+                        chunk = {"index": p * req.n + event.index, "text": event.text, "logprobs": None,
+                                 "finish_reason": event.finish_reason}
+                        if event.choice is not None:
+                            chunk.update(choice_json(event.choice, chunk["index"]), text=event.text)
+                        if event.usage is not None:
+                            usage["prompt_tokens"] += event.usage.prompt_tokens
+                            usage["completion_tokens"] += event.usage.completion_tokens
+                        payload = {"id": rid, "object": "text_completion", "created": created,
+                                   "model": engine.name, "choices": [chunk]}
+                        yield f"data: {json.dumps(payload)}\n\n"
+                finally:
+                    events.close()
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            yield f"data: {json.dumps({'id': rid, 'object': 'text_completion', 'created': created, 'model': engine.name, 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self.active_streams -= 1
 
     @api.post("/generate")
     async def generate(self, request: Request):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import subprocess
 import time
 
 import httpx
@@ -225,3 +226,68 @@ def test_replica_killed_under_load_is_replaced(server):
     new = [a for a in ray.util.list_named_actors(all_namespaces=True)
            if a["name"].startswith("SERVE_REPLICA") and "FTServer" in a["name"] and "ft-ray" in a["name"]]
     assert new and new[0]["name"] != replicas[0]["name"]
+
+
+def test_client_disconnect_stops_its_streamed_generation(server, tmp_path):
+    """A client that closes its stream after three events: the replica stops decoding at once
+    (its count of active streams drops to 0), far sooner than the whole generation would take."""
+    from ray import serve
+
+    from ft_ray.serve import Engine
+    from serve_apps.app import FTServer
+
+    tok = tmp_path / "tokenizer.json"
+    byte_tokenizer().save(str(tok))
+    cfg = ModelConfig(arch="baseline", vocab_size=259, hidden_dim=64, num_layers=4, num_heads=2, max_seq_len=4096)
+    torch.manual_seed(0)
+    write_bundle(tmp_path / "models" / "long", BaselineTransformer(cfg).state_dict(), cfg, {"step": 0}, tok)
+    body = {"model": "long", "prompt": "a", "max_tokens": 4000, "temperature": 0}  # greedy: no EOS here
+    engine = Engine.from_bundle(tmp_path / "models" / "long", name="long")
+    t0 = time.perf_counter()
+    (full,) = engine.generate([engine.validate(body, {"model"})])
+    full_s = time.perf_counter() - t0
+    assert full.usage.completion_tokens == 4000
+
+    serve.run(FTServer.options(name="Long").bind(str(tmp_path / "models")), name="long", route_prefix="/long")
+    try:
+        events = 0
+        with httpx.stream("POST", _url(server, "long/v1/completions"), json={**body, "stream": True},
+                          timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                events += line.startswith("data: {")
+                if events == 3:
+                    break  # leaving the block closes the connection mid-stream
+        closed = time.monotonic()
+        while True:
+            health = httpx.get(_url(server, "long/healthz"), timeout=30).json()
+            if health["active_streams"] == 0 or time.monotonic() > closed + 60:
+                break
+            time.sleep(0.05)
+        stopped_after = time.monotonic() - closed
+        assert health["active_streams"] == 0
+        assert stopped_after < 0.25 * full_s, (stopped_after, full_s)
+        short = httpx.post(_url(server, "long/v1/completions"), json={**body, "max_tokens": 3}, timeout=60)
+        assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 3  # still serving
+    finally:
+        serve.delete("long")
+
+
+def test_serve_command_refuses_an_ingress_it_cannot_set_up(models_dir, tmp_path, monkeypatch, capsys):
+    """`ft-ray serve --ingress haproxy` exits 2 with the reason before any cluster starts: an
+    unusable HAProxy binary, or a running cluster (RAY_ADDRESS) whose Serve processes it cannot
+    reconfigure. Without an override it finds the binary that ray[serve] bundles."""
+    from ft_ray.cli import main
+    from ft_ray.serve.cli import haproxy_binary
+
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    bundled = haproxy_binary()
+    assert bundled and subprocess.run([bundled, "-v"], capture_output=True, text=True).stdout.startswith("HAProxy")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "missing"))
+    assert main(["serve", "--models", str(models_dir), "--ingress", "haproxy"]) == 2
+    assert "no usable HAProxy binary" in capsys.readouterr().err
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", bundled)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert main(["serve", "--models", str(models_dir), "--ingress", "haproxy"]) == 2
+    err = capsys.readouterr().err
+    assert "RAY_SERVE_ENABLE_HA_PROXY=1" in err and "ray start" in err

