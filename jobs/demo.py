@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-sequences", type=int, default=100_000,
                     help="letter-task training sequences to write (validation: 1%% more; default: 100000)")
     ap.add_argument("--port", type=int, default=0, help="HTTP port of the Serve step (default: a free one)")
+    ap.add_argument("--no-serve", action="store_true", help="skip the Serve step (train and report only)")
     args = ap.parse_args(argv)
     t0 = time.time()
     out, runs = Path(args.out), Path(args.runs)
@@ -147,12 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides = ["data.source=shards", f"data.path={args.data}", f"train.max_steps={args.steps}",
                      f"train.eval_every={max(1, args.steps // 2)}", f"train.storage_path={runs}", "train.name=letters"]
         report = run_compare(resolve_preset("letters-ft"), overrides, [args.kappa], out)
-    print("[demo] 3/4 Ray Serve: both bundles over HTTP, fresh and shared plans", flush=True)
-    bundles = {"baseline": runs / "letters-baseline" / "bundle",
-               f"ft-kappa{args.kappa:g}": runs / f"letters-kappa{args.kappa:g}" / "bundle"}
-    lines = serve_step(bundles, out, args.port)
-    with report.open("a") as f:
-        f.write("\n".join(lines) + "\n")
+    if args.no_serve:
+        print("[demo] 3/4 Ray Serve: skipped (--no-serve)", flush=True)
+    else:
+        print("[demo] 3/4 Ray Serve: both bundles over HTTP, fresh and shared plans", flush=True)
+        bundles = {"baseline": runs / "letters-baseline" / "bundle",
+                   f"ft-kappa{args.kappa:g}": runs / f"letters-kappa{args.kappa:g}" / "bundle"}
+        lines = serve_step(bundles, out, args.port)
+        with report.open("a") as f:
+            f.write("\n".join(lines) + "\n")
     if owns_ray:
         import ray
 

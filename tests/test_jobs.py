@@ -33,10 +33,11 @@ def test_demo_end_to_end_then_reuse(ray_cluster, tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "served.json").read_text())["models"] == ["baseline", "ft-kappa1"]
     bundle = tmp_path / "runs" / "letters-kappa1" / "bundle" / "model.safetensors"
     stamp = bundle.stat().st_mtime_ns
-    assert main(args) == 0  # a second demo reuses the shards and the finished runs
+    assert main([*args, "--no-serve"]) == 0  # a second demo reuses the shards and the finished runs
     again = capsys.readouterr().out
     assert "reusing the letter-task shards" in again and again.count("reusing the finished run") == 2
     assert bundle.stat().st_mtime_ns == stamp
+    assert "Served over HTTP" not in (tmp_path / "out" / "report.md").read_text()  # rewritten, Serve skipped
 
 
 def test_prepare_data_entry_point_writes_shards_and_says_where(tmp_path, capsys):
