@@ -72,7 +72,11 @@ async def _next_in_thread(events):
     try:
         return await asyncio.shield(step)
     except asyncio.CancelledError:
-        await asyncio.wait({step})
+        while not step.done():  # anyio (Starlette) repeats the cancellation until the task ends
+            try:
+                await asyncio.wait({step})
+            except asyncio.CancelledError:
+                pass
         raise
 
 

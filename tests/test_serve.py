@@ -258,6 +258,7 @@ def test_client_disconnect_stops_its_streamed_generation(server, tmp_path):
                 events += line.startswith("data: {")
                 if events == 3:
                     break  # leaving the block closes the connection mid-stream
+        assert events == 3  # the stream was cut, not read to its end
         closed = time.monotonic()
         while True:
             health = httpx.get(_url(server, "long/healthz"), timeout=30).json()
@@ -266,7 +267,7 @@ def test_client_disconnect_stops_its_streamed_generation(server, tmp_path):
             time.sleep(0.05)
         stopped_after = time.monotonic() - closed
         assert health["active_streams"] == 0
-        assert stopped_after < 0.25 * full_s, (stopped_after, full_s)
+        assert stopped_after < 0.5 * full_s, (stopped_after, full_s)  # streaming is slower than in-process
         short = httpx.post(_url(server, "long/v1/completions"), json={**body, "max_tokens": 3}, timeout=60)
         assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 3  # still serving
     finally:

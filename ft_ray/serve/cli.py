@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -137,16 +138,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"ft-ray: error: {problem}", file=sys.stderr)
         return 2
     os.environ.update(INGRESS_ENV[args.ingress])  # read by the Serve processes of the cluster started next
-    ensure_ray()
-    url, started = deploy(models.resolve(), args.host, args.port, args.max_batch_size)
-    print(f"[ft-ray] serving {', '.join(names)} at {url}/v1/completions (Ctrl-C stops)", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, Kubernetes and ray job stop: shut down as Ctrl-C does
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill`, Kubernetes, ray job stop: as Ctrl-C
+    started = deploying = False
     try:
+        ensure_ray()
+        deploying = True  # from here the app `ft-ray` is ours to remove
+        url, started = deploy(models.resolve(), args.host, args.port, args.max_batch_size)
+        print(f"[ft-ray] serving {', '.join(names)} at {url}/v1/completions (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not cut the shutdown short
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if started:
             serve.shutdown()
-        else:
+        elif deploying:
             serve.delete("ft-ray")
     return 0
