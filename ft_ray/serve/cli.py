@@ -138,11 +138,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"ft-ray: error: {problem}", file=sys.stderr)
         return 2
     os.environ.update(INGRESS_ENV[args.ingress])  # read by the Serve processes of the cluster started next
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # `kill`, Kubernetes, ray job stop: as Ctrl-C
     started = deploying = False
     try:
         ensure_ray()
+        if threading.current_thread() is threading.main_thread():  # after ray.init, which installs its own
+            signal.signal(signal.SIGTERM, _interrupt)  # `kill`, Kubernetes, ray job stop: as Ctrl-C
         deploying = True  # from here the app `ft-ray` is ours to remove
         url, started = deploy(models.resolve(), args.host, args.port, args.max_batch_size)
         print(f"[ft-ray] serving {', '.join(names)} at {url}/v1/completions (Ctrl-C stops)", flush=True)
