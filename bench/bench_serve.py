@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import httpx
 import torch
 
 from bench.common import Row
+from ft_ray.launch import free_port
 from ft_ray.serve.cli import INGRESS_ENV, haproxy_binary
 
 CLIENTS, PER_CLIENT, MAX_TOKENS = 16, 4, 64
@@ -78,12 +78,6 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(port: int) -> None:
     import ray
     from ray import serve
@@ -106,7 +100,7 @@ def batching_rows(models: Path, quick: bool) -> list[Row]:
 
     from serve_apps.app import FTServer
 
-    port = _free_port()
+    port = free_port()
     _start(port)
     try:
         measured = {}
@@ -138,7 +132,7 @@ def measure_overhead(models: Path, repeats: int) -> dict:
     from ft_ray.serve import Engine
     from serve_apps.app import FTServer
 
-    port = _free_port()
+    port = free_port()
     _start(port)
     try:
         serve.run(FTServer.bind(str(models), max_batch_size=1), name="one", route_prefix="/one")
