@@ -138,7 +138,7 @@ def measure_overhead(models: Path, repeats: int) -> dict:
         serve.run(FTServer.bind(str(models), max_batch_size=1), name="one", route_prefix="/one")
         engine = Engine.from_bundle(models / "ft", name="ft")
         torch.set_num_threads(1)  # as in the 1-CPU replica
-        http_lat, local_lat, noop_lat = [], [], []
+        http_lat, local_lat, models_lat = [], [], []
         with httpx.Client(timeout=60) as http:
             for i in range(repeats + 5):
                 body = {"model": "ft", "prompt": f"overhead {i}", "max_tokens": 8, "temperature": 0, "seed": i}
@@ -151,11 +151,11 @@ def measure_overhead(models: Path, repeats: int) -> dict:
                 local_lat.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 http.get(f"http://127.0.0.1:{port}/one/v1/models").raise_for_status()
-                noop_lat.append(time.perf_counter() - t0)
+                models_lat.append(time.perf_counter() - t0)
     finally:
         _stop()
     return {k: statistics.median(v[5:]) for k, v in
-            (("http", http_lat), ("local", local_lat), ("models", noop_lat))}
+            (("http", http_lat), ("local", local_lat), ("models", models_lat))}
 
 
 def overhead_rows(models: Path, quick: bool) -> list[Row]:
