@@ -235,9 +235,9 @@ def test_finished_rows_leave_the_batch(engines, monkeypatch):
     sizes = []
     real = engine_module.decode_step
 
-    def counting(model, cache, tokens, positions, codes):
+    def counting(model, cache, tokens, positions, *rest):
         sizes.append(tokens.shape[0])
-        return real(model, cache, tokens, positions, codes)
+        return real(model, cache, tokens, positions, *rest)
 
     monkeypatch.setattr(engine_module, "decode_step", counting)
     engine.generate([GenerationRequest("K>", max_tokens=3, temperature=0, n=2),

@@ -409,6 +409,41 @@ def test_chunked_cache_decoding_equals_full_forward():
         torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_weights_give_the_same_blocks_and_follow_parameter_changes():
+    # generate's one-token steps on CPU use (in, out) copies of the block weights, q/k/v and
+    # gate/up fused: the same numbers as the nn.Linear path, for ordinary and injection blocks
+    model = tiny_ft(seed=21, num_key_value_heads=2)
+    packed = model.decode_weights()
+    assert model.decode_weights() is packed  # kept while the weights are unchanged
+    g = torch.Generator().manual_seed(21)
+    x, r = torch.randn(3, 5, 32, generator=g), torch.randn(3, 5, 32, generator=g)
+    cos, sin = model._rope(2, 5)
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            for kv_input in (None, x + r):
+                caches = [model.make_caches(3, 7)[i] for _ in range(2)]
+                got = block(x, cos, sin, kv_input=kv_input, cache=caches[0], pos=2, packed=packed[i])
+                ref = block(x, cos, sin, kv_input=kv_input, cache=caches[1], pos=2)
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(caches[0].k, caches[1].k, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(caches[0].v, caches[1].v, rtol=1e-5, atol=1e-6)
+    # an optimizer step changes the weights in place: the packed copy is rebuilt from them
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    model.loss(torch.randint(0, 48, (2, 9), generator=g))["loss"].backward()
+    opt.step()
+    fresh = model.decode_weights()
+    a = model.blocks[1].attn
+    assert fresh is not packed and not torch.equal(fresh[1].wqkv, packed[1].wqkv)
+    assert torch.equal(fresh[1].wqkv, torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]).t())
+    assert torch.equal(fresh[1].w2, model.blocks[1].mlp.w2.weight.t())
+    # and so does load_state_dict; cached generation still equals a full recompute
+    model.load_state_dict(tiny_ft(seed=22, num_key_value_heads=2).state_dict())
+    assert not torch.equal(model.decode_weights()[0].wo, fresh[0].wo)
+    prompt = torch.randint(0, 48, (2, 4), generator=g)
+    runs = [model.generate(prompt, 8, temperature=0, plan=3, use_cache=c) for c in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_new_z_never_redrawn_and_consistent_with_greedy_tokens():
     ft = tiny_ft(seed=16)
     prompt = torch.randint(0, 48, (2, 4), generator=torch.Generator().manual_seed(16))

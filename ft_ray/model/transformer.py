@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ft_ray.config import ModelConfig
-from ft_ray.model.layers import Block, KVCache, RMSNorm, rope_tables
+from ft_ray.model.layers import Block, DecodeWeights, KVCache, RMSNorm, pack_block, rope_tables
 from ft_ray.model.sampling import sample_next
 
 LatentFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,6 +49,7 @@ class BaselineTransformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         # fp32 RoPE tables per device, kept out of buffers so `.to(bf16)` never rounds them
         self._rope_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._decode_cache: tuple[tuple, list[DecodeWeights]] | None = None  # see decode_weights
 
     # ------------------------------------------------------------------ initialisation, sizes
     def reset_parameters(self) -> None:
@@ -81,20 +82,36 @@ class BaselineTransformer(nn.Module):
         if device not in self._rope_cache:
             with torch.inference_mode(False):  # ordinary tensors even when generation builds them
                 cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
-                self._rope_cache[device] = (cos.to(device), sin.to(device))  # (max_len, hd/2) each
+                self._rope_cache[device] = (cos.to(device), sin.to(device))  # (max_len, hd) each
         cos, sin = self._rope_cache[device]
         return cos[pos:pos + length], sin[pos:pos + length]
 
+    def decode_weights(self) -> list[DecodeWeights] | None:
+        """Per-block `DecodeWeights` for one-token decoding on CPU; None on other devices, whose
+        matrix products read the `nn.Linear` layout at full speed. Kept between calls (an extra
+        copy of the blocks' weights) and rebuilt when any block parameter was replaced or
+        modified in place (optimizer steps, `load_state_dict`, `.to()`)."""
+        if self.embed.weight.device.type != "cpu":
+            return None
+        key = tuple((p.data_ptr(), p.dtype, p._version) for p in self.blocks.parameters())
+        if self._decode_cache is None or self._decode_cache[0] != key:
+            self._decode_cache = None  # free the stale copy before building the new one
+            self._decode_cache = (key, [pack_block(b) for b in self.blocks])
+        return self._decode_cache[1]
+
     def _forward_tokens(self, tokens: torch.Tensor, latent_fn: LatentFn | None = None,
-                        caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
-        """tokens (B, T) at positions pos..pos+T-1 -> logits (B, T, V)."""
+                        caches: list[KVCache] | None = None, pos: int = 0,
+                        packed: list[DecodeWeights] | None = None) -> torch.Tensor:
+        """tokens (B, T) at positions pos..pos+T-1 -> logits (B, T, V). `packed`: the blocks'
+        `decode_weights()` (same numbers up to rounding, faster for one-token steps on CPU)."""
         x = self.embed(tokens)  # (B, T, D)
         cos, sin = self._rope(pos, tokens.shape[1])
         for i, block in enumerate(self.blocks):
             kv_input = None
             if latent_fn is not None and i == self.cfg.inject_layer:
                 kv_input = x + latent_fn(x, cos, sin)  # queries from X, keys/values from X + R
-            x = block(x, cos, sin, kv_input=kv_input, cache=caches[i] if caches else None, pos=pos)
+            x = block(x, cos, sin, kv_input=kv_input, cache=caches[i] if caches else None, pos=pos,
+                      packed=packed[i] if packed else None)
         return self.lm_head(self.norm(x))
 
     def forward(self, tokens: torch.Tensor, z: torch.Tensor | None = None,
@@ -177,6 +194,7 @@ class BaselineTransformer(nn.Module):
                              f"max_seq_len={self.cfg.max_seq_len}")
         plan_state = self._plan(prompt, max_new_tokens, plan, generator, shared_plan)
         caches = self.make_caches(B, T0 + max_new_tokens) if use_cache else None
+        packed = self.decode_weights() if use_cache and max_new_tokens > 1 else None
         prefill_fn = plan_state.prefill_fn if plan_state is not None else None
         logits = self._forward_tokens(prompt, prefill_fn, caches, pos=0)[:, -1]  # (B, V)
         codes = plan_state.codes if plan_state is not None else None  # (B, T0+N), known after prefill
@@ -189,7 +207,7 @@ class BaselineTransformer(nn.Module):
             if use_cache:
                 step_codes = None if codes is None else codes[:, T0 + i:T0 + i + 1]
                 logits = self._forward_tokens(tok[:, None], self._codes_fn(step_codes), caches,
-                                              pos=T0 + i)[:, -1]
+                                              pos=T0 + i, packed=packed)[:, -1]
             else:  # full recompute with the same codes
                 cur = None if codes is None else codes[:, :seq.shape[1]]
                 logits = self._forward_tokens(seq, self._codes_fn(cur))[:, -1]

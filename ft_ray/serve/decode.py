@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ft_ray.model.layers import Attention, apply_rope
+from ft_ray.model.layers import Attention, DecodeWeights, apply_rope
 from ft_ray.model.transformer import BaselineTransformer
 
 LatentFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -78,11 +78,13 @@ def prefill(model: BaselineTransformer, tokens: torch.Tensor, latent_fn: LatentF
 
 
 def decode_step(model: BaselineTransformer, cache: BatchKVCache, tokens: torch.Tensor,
-                positions: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
+                positions: torch.Tensor, codes: torch.Tensor | None,
+                packed: list[DecodeWeights] | None = None) -> torch.Tensor:
     """Feed tokens (B,) at per-row positions (B,); codes (B,) are the FT's Z at those positions
-    (None for the baseline). Returns next-token logits (B, V)."""
-    cos_all, sin_all = model._rope(0, model.cfg.max_seq_len)  # (max_len, hd/2)
-    cos = cos_all[positions][:, None, None, :]  # (B, 1, 1, hd/2): broadcasts over heads
+    (None for the baseline); `packed` is `model.decode_weights()`, as in `model.generate`.
+    Returns next-token logits (B, V)."""
+    cos_all, sin_all = model._rope(0, model.cfg.max_seq_len)  # (max_len, hd)
+    cos = cos_all[positions][:, None, None, :]  # (B, 1, 1, hd): broadcasts over heads
     sin = sin_all[positions][:, None, None, :]
     length = int(positions.max()) + 1  # attend over the longest row's prefix only
     visible = torch.arange(length, device=positions.device)[None, :] <= positions[:, None]  # (B, S)
@@ -93,20 +95,18 @@ def decode_step(model: BaselineTransformer, cache: BatchKVCache, tokens: torch.T
         hkv = hq
         if codes is not None and i == model.cfg.inject_layer:  # Z enters through this block's K/V only
             hkv = block.attn_norm(x + model.post_sampler.weight[codes][:, None, :])
-        y = _attend(block.attn, hq, hkv, cos, sin, cache.k[i], cache.v[i], positions, mask)
-        x = x + y
-        x = x + block.mlp(block.mlp_norm(x))
+        w = packed[i] if packed else None
+        x = x + _attend(block.attn, hq, hkv, cos, sin, cache.k[i], cache.v[i], positions, mask, w)
+        x = x + block.mlp(block.mlp_norm(x), w)
     return model.lm_head(model.norm(x[:, 0]))
 
 
 def _attend(attn: Attention, hq: torch.Tensor, hkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-            mask: torch.Tensor) -> torch.Tensor:
+            mask: torch.Tensor, packed: DecodeWeights | None) -> torch.Tensor:
     """`Attention.forward` for one token per row at per-row positions; hq, hkv (B, 1, D)."""
     B = hq.shape[0]
-    q = attn.wq(hq).view(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, h, 1, hd)
-    k = attn.wk(hkv).view(B, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)  # (B, kv, 1, hd)
-    v = attn.wv(hkv).view(B, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    q, k, v = attn.project(hq, hkv, packed)  # (B, h, 1, hd), (B, kv, 1, hd) x 2
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     rows = torch.arange(B, device=positions.device)
     k_cache[rows, :, positions] = k[:, :, 0]  # each row writes at its own position
@@ -117,4 +117,4 @@ def _attend(attn: Attention, hq: torch.Tensor, hkv: torch.Tensor, cos: torch.Ten
     if rep > 1:
         keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
     y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, h, 1, hd)
-    return attn.wo(y.transpose(1, 2).reshape(B, 1, -1))
+    return attn.output(y, packed)

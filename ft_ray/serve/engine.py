@@ -304,6 +304,7 @@ class Engine:
             start += len(p.rows)
         step_logits = torch.cat(logits)  # (B, V)
         positions = torch.tensor([len(p.prompt_ids) for p in prepared for _ in p.rows], device=self.device)
+        packed = self.model.decode_weights()
         while True:
             tokens = [row.sample(step_logits[b]) for b, row in enumerate(rows)]
             self.stats.generated_tokens += len(tokens)
@@ -319,7 +320,7 @@ class Engine:
                 rows, tokens = [rows[b] for b in keep], [tokens[b] for b in keep]
             step_codes = None if codes is None else codes.gather(1, positions[:, None])[:, 0]  # (B,)
             step_logits = decode_step(self.model, cache, torch.tensor(tokens, device=self.device),
-                                      positions, step_codes)
+                                      positions, step_codes, packed)
             positions = positions + 1
             self.stats.decode_steps += 1
 
