@@ -18,8 +18,13 @@ DEFAULT_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # workers' datasets would flood the job log
-    # an embedded cluster is private to this process; a cluster we join decides for itself
+}
+# only for an embedded cluster, which is private to this process; a cluster we join decides for itself
+EMBEDDED_ENV = {
     "RAY_AUTH_MODE": "disabled",
+    # Train's preemption watcher polls for nodes being drained (spot instances taken back); one
+    # machine has no node to drain, and the watcher is one more process taking CPU from training
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 
 
@@ -42,6 +47,11 @@ def resolve_preset(name_or_path: str) -> Path:
     return preset
 
 
+def cluster_env(joining: bool) -> dict[str, str]:
+    """The environment `ensure_ray` sets (where unset) before Ray starts or is joined."""
+    return {**DEFAULT_ENV, **({} if joining else EMBEDDED_ENV)}
+
+
 def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
     """Join the cluster named by RAY_ADDRESS, or start an embedded local one sized to the machine.
     Returns True when this call connected (so the caller owns the shutdown)."""
@@ -49,10 +59,10 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
 
     if ray.is_initialized():
         return False
-    for k, v in DEFAULT_ENV.items():
-        if k != "RAY_AUTH_MODE" or not os.environ.get("RAY_ADDRESS"):
-            os.environ.setdefault(k, v)
-    if os.environ.get("RAY_ADDRESS"):
+    joining = bool(os.environ.get("RAY_ADDRESS"))
+    for k, v in cluster_env(joining).items():
+        os.environ.setdefault(k, v)
+    if joining:
         ray.init(log_to_driver=True)
         print(f"[ft-ray] joined the Ray cluster at {os.environ['RAY_ADDRESS']}", flush=True)
     else:

@@ -50,3 +50,14 @@ def test_prepare_data_entry_point_writes_shards_and_says_where(tmp_path, capsys)
     assert main(["synthetic", "--num-sequences", "0", "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
     assert "num_sequences" in err and "Traceback" not in err
+
+
+def test_embedded_cluster_environment_differs_from_a_joined_one():
+    from ft_ray.launch import cluster_env
+
+    embedded, joined = cluster_env(joining=False), cluster_env(joining=True)
+    # a private embedded cluster: no token auth, no preemption watcher (one machine has no node to drain)
+    assert embedded["RAY_AUTH_MODE"] == "disabled" and embedded["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    # a cluster we join keeps its own auth and Train's preemption handling
+    assert "RAY_AUTH_MODE" not in joined and "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in joined
+    assert joined["RAY_USAGE_STATS_ENABLED"] == embedded["RAY_USAGE_STATS_ENABLED"] == "0"
