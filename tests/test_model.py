@@ -14,6 +14,7 @@ import ft_ray.model.transformer as transformer_module
 from ft_ray.config import ModelConfig
 from ft_ray.model import BaselineTransformer, FreeTransformer, build_model, sample_shared_plan
 from ft_ray.model.latent import log_q, sample_codes, uniform_codes
+from ft_ray.model.layers import KVCache
 from ft_ray.model.sampling import filter_logits, sample_next
 
 
@@ -421,7 +422,7 @@ def test_decode_weights_give_the_same_blocks_and_follow_parameter_changes():
     with torch.no_grad():
         for i, block in enumerate(model.blocks):
             for kv_input in (None, x + r):
-                caches = [model.make_caches(3, 7)[i] for _ in range(2)]
+                caches = [KVCache(3, 2, 7, 8, torch.float32, 'cpu') for _ in range(2)]  # kv heads 2, hd 8
                 got = block(x, cos, sin, kv_input=kv_input, cache=caches[0], pos=2, packed=packed[i])
                 ref = block(x, cos, sin, kv_input=kv_input, cache=caches[1], pos=2)
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
