@@ -182,6 +182,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (and at the end)
     num_to_keep: int = 2
     max_failures: int = 0  # worker-group restarts from the last checkpoint
+    worker_niceness: int | None = 0  # CPU priority of the training workers (0-19); None: Ray's default, 15
     export_bundle: bool = True  # write the serving bundle into the run directory at the end
 
     def __post_init__(self) -> None:
@@ -199,6 +200,8 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
         _check(self.iwae_samples >= 0, "iwae_samples", f"must be >= 0, got {self.iwae_samples}")
         _check(self.sample_groups >= 0, "sample_groups", f"must be >= 0, got {self.sample_groups}")
+        _check(self.worker_niceness is None or 0 <= self.worker_niceness <= 19, "worker_niceness",
+               f"must be a niceness from 0 to 19 (or null for Ray's default), got {self.worker_niceness}")
         _check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
 
 

@@ -141,6 +141,7 @@ def test_empty_file_gives_defaults(tmp_path):
     ({"model": {"hidden_dim": 30, "num_heads": 4}}, "model.num_heads"),  # cross-field
     ({"model": {"num_layers": 4, "inject_layer": 4}}, "model.inject_layer"),
     ({"model": []}, "model"),  # a section that is not a mapping
+    ({"train": {"worker_niceness": -5}}, "train.worker_niceness"),  # raising priority needs privileges
 ])
 def test_bad_file_errors_name_file_and_dotted_key(tmp_path, data, key):
     path = write(tmp_path, data)

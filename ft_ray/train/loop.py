@@ -133,7 +133,8 @@ def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str 
     if rank == 0:
         (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
         print(f"[ft-ray] {cfg.model.arch}: {model.num_params() if world == 1 else 'sharded'} params, "
-              f"world {world}, {precision}, {'resuming at step ' + str(pos.step) if pos.step else 'from scratch'}",
+              f"world {world}, {precision}, {'resuming at step ' + str(pos.step) if pos.step else 'from scratch'}, "
+              f"niceness {os.getpriority(os.PRIO_PROCESS, 0)}",
               flush=True)
     batches = _Batches(runtime, cfg.data.batch_size, pos)
     autocast = autocast_context(precision, world, device)

@@ -84,13 +84,25 @@ def fit(cfg: Config, kill_at: str | None = None, callbacks: list | None = None):
         run_config=RunConfig(
             name=tc.name, storage_path=str(run_dir.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
-            failure_config=FailureConfig(max_failures=tc.max_failures), callbacks=callbacks or []),
+            failure_config=FailureConfig(max_failures=tc.max_failures), callbacks=callbacks or [],
+            worker_runtime_env=worker_runtime_env(cfg)),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(
             datasets_to_split=["train"], execution_options=data_execution_options()),
     )
     result = trainer.fit()
     return result
+
+
+def worker_runtime_env(cfg: Config) -> dict:
+    """Ray starts every worker process at niceness 15 (`RAY_worker_niceness`), below its raylet,
+    GCS, dashboard and log monitor at 0. The training workers are the job's compute, so they run
+    at `train.worker_niceness` (0: like a plain launch, and like Ray's job manager runs its job
+    supervisors). Where they fill the cores, Ray's helper actors (Train controller, Ray Data's
+    coordinator and stats actors, ...) then run in the time the workers leave idle (collective
+    waits) instead of preempting them (the README's benchmark section has the measurement)."""
+    n = cfg.train.worker_niceness
+    return {} if n is None else {"env_vars": {"RAY_worker_niceness": str(n)}}
 
 
 def data_execution_options():
