@@ -18,6 +18,9 @@ DEFAULT_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # workers' datasets would flood the job log
+    # Train's print patch sends a worker's print() both to stdout and to the logging system, so
+    # every line reached the driver twice (Ray 2.60); plain stdout reaches it once
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 # only for an embedded cluster, which is private to this process; a cluster we join decides for itself
 EMBEDDED_ENV = {

@@ -46,8 +46,20 @@ def train_loop_per_worker(config: dict) -> dict:
     from ft_ray.train.runtime import RayRuntime
 
     cfg = from_dict(Config, config["cfg"], "train_loop_config")
+    _quiet_report_lines()
     return run_training(cfg, RayRuntime(config["run_dir"]), run_dir=config["run_dir"], tokenizer_path=config.get("tokenizer_path"),
                         kill_at=config.get("kill_at"))
+
+
+def _quiet_report_lines() -> None:
+    """Ray 2.60 logs every `ray.train.report` at INFO on each worker ("Reporting training result
+    ...", all metrics) through a logger named by its file path, which `LoggingConfig(log_level=)`
+    does not reach; ft-ray's own step lines already say it."""
+    import logging
+
+    import ray.train.v2._internal.execution.context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def _all_reduce_mean(values: dict[str, float], world_size: int, device) -> dict[str, float]:

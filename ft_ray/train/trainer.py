@@ -64,7 +64,7 @@ def fit(cfg: Config, kill_at: str | None = None, callbacks: list | None = None):
     `kill_at` is the fault drill of `loop._maybe_inject_failure` (tests); `callbacks` are Ray
     Train callbacks (a sweep passes Tune's report callback)."""
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ft_ray.train.loop import train_loop_per_worker
@@ -85,7 +85,9 @@ def fit(cfg: Config, kill_at: str | None = None, callbacks: list | None = None):
             name=tc.name, storage_path=str(run_dir.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
             failure_config=FailureConfig(max_failures=tc.max_failures), callbacks=callbacks or [],
-            worker_runtime_env=worker_runtime_env(cfg)),
+            worker_runtime_env=worker_runtime_env(cfg),
+            # ft-ray's own lines say what a run does; Train's INFO lines repeat every report
+            logging_config=LoggingConfig(log_level="WARNING")),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(
             datasets_to_split=["train"], execution_options=data_execution_options()),
