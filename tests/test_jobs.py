@@ -61,3 +61,5 @@ def test_embedded_cluster_environment_differs_from_a_joined_one():
     # a cluster we join keeps its own auth and Train's preemption handling
     assert "RAY_AUTH_MODE" not in joined and "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in joined
     assert joined["RAY_USAGE_STATS_ENABLED"] == embedded["RAY_USAGE_STATS_ENABLED"] == "0"
+    # either way, a worker's print() reaches the driver once, not also through Train's logger
+    assert joined["RAY_TRAIN_ENABLE_PRINT_PATCH"] == embedded["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
