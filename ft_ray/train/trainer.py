@@ -101,8 +101,8 @@ def worker_runtime_env(cfg: Config) -> dict:
     GCS, dashboard and log monitor at 0. The training workers are the job's compute, so they run
     at `train.worker_niceness` (0: like a plain launch, and like Ray's job manager runs its job
     supervisors). Where they fill the cores, Ray's helper actors (Train controller, Ray Data's
-    coordinator and stats actors, ...) then run in the time the workers leave idle (collective
-    waits) instead of preempting them (the README's benchmark section has the measurement)."""
+    coordinator and stats actors, ...) then yield to them instead of competing as equals (the
+    README's benchmark section has the measurement)."""
     n = cfg.train.worker_niceness
     return {} if n is None else {"env_vars": {"RAY_worker_niceness": str(n)}}
 
