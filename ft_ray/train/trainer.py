@@ -86,7 +86,8 @@ def fit(cfg: Config, kill_at: str | None = None, callbacks: list | None = None):
             checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
             failure_config=FailureConfig(max_failures=tc.max_failures), callbacks=callbacks or [],
             worker_runtime_env=worker_runtime_env(cfg),
-            # ft-ray's own lines say what a run does; Train's INFO lines repeat every report
+            # ft-ray's own lines say what a run does; Train's INFO lines ("Checkpoint successfully
+            # created at ..." per rank and checkpoint) repeat it (its per-report line: loop._quiet_report_lines)
             logging_config=LoggingConfig(log_level="WARNING")),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(
