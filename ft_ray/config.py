@@ -29,6 +29,9 @@ class ConfigError(ValueError):
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{key}: {message}")
 
+    def __reduce__(self):  # Ray and Tune copy and pickle errors: rebuild from the same arguments
+        return type(self), (self.key, self.detail, self.source)
+
 
 def _check(cond: bool, key: str, message: str) -> None:
     if not cond:
