@@ -1,4 +1,5 @@
-"""Shards: packing equals an independent computation, hash split, rolling, sources, validation, CLI."""
+"""Shards: packing equals an independent computation, hash split, rolling, sources, validation, CLI,
+atomic writes (a failed run leaves the old set byte for byte) and binary files skipped."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tokenizers import Tokenizer
 
 from ft_ray.data import letters, shards, synthetic
 from ft_ray.data import tokenizer as tk
+from ft_ray.data.cli import main as data_main
 from ft_ray.data.errors import DataError
 from ft_ray.data.shards import (
     derive_seed,
@@ -153,21 +155,25 @@ def test_rolling_shards_union_is_the_split(email_set, tmp_path, monkeypatch):
 
 
 def test_writing_streams_documents(tmp_path, monkeypatch):
-    """Shards reach the disk while documents are still being read: the corpus is never held."""
+    """Shards reach the disk while documents are still being read: the corpus is never held.
+
+    They go to the hidden sibling that replaces `out` once the set is complete.
+    """
     monkeypatch.setattr(shards, "PROGRESS_SECONDS", 0.0)
-    seen, lines = [], []
+    seen, lines, out = [], [], tmp_path / "out"
 
     def docs():
         for i in range(400):
-            seen.append(len(list(tmp_path.glob("train-*.parquet"))))
+            seen.append(len(list(tmp_path.glob(".out.tmp-*/train-*.parquet"))))
             yield Document(f"doc{i}", "x" * 100)
 
-    write_corpus_shards(docs(), tk.byte_tokenizer(), 63, tmp_path, val_fraction=0.0,
+    write_corpus_shards(docs(), tk.byte_tokenizer(), 63, out, val_fraction=0.0,
                         shard_max_bytes=10 * 64 * 2, progress=lines.append)
     assert seen[200] >= 2 and seen[-1] > seen[200]
     assert "400 documents, 0.0M tokens" in lines[-3] and "MB written" in lines[-3]
     assert lines[-2].startswith("warning: the validation split is empty")
-    assert lines[-1].startswith(f"wrote {tmp_path}: train ")
+    assert lines[-1].startswith(f"wrote {out}: train ")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_synthetic_shards(syn):
@@ -369,3 +375,214 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, message):
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- writes are atomic, refuse what they must not replace, and skip binary files ---------------
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every entry under `root` -> sha256 (files) or "dir": equal snapshots mean untouched."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
+
+
+def data_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`ft-ray data ...` in this process (a subprocess per case would cost seconds each)."""
+    code = data_main(["data", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+@pytest.fixture
+def existing(tmp_path) -> tuple[Path, dict[str, str]]:
+    """A shard set already in tmp_path/set, and its snapshot."""
+    out = tmp_path / "set"
+    write_synthetic_shards("letters", 100, 0, out, shard_max_bytes=40 * 68, progress=lambda line: None)
+    return out, snapshot(out)
+
+
+def assert_untouched(out: Path, before: dict[str, str]) -> None:
+    assert snapshot(out) == before
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no tmp, no old
+
+
+def text_tree(root: Path) -> Path:
+    """Two small text files (and, for the binary tests, nothing else yet)."""
+    root.mkdir()
+    (root / "a.txt").write_text("def first():\n    return 1\n" * 20)
+    (root / "b.txt").write_text("second = 'two'\n" * 20)
+    return root
+
+
+def table_dir(root: Path, texts: list) -> Path:
+    root.mkdir()
+    pq.write_table(pa.table({"text": texts}), root / "t.parquet")
+    return root
+
+
+CORPUS = ["--tokenizer", "bytes", "--seq-len", "16", "--overwrite"]
+FAILURES = {  # (source made under tmp_path, extra args) -> fragments of the one-line error
+    "unknown column": (lambda t: table_dir(t / "tab", ["x" * 50]), ["--column", "txt"],
+                       ["no column 'txt'", "available: text"]),
+    "null row": (lambda t: table_dir(t / "tab", ["x" * 50, None]), [],
+                 ["column 'text' row 1 is NoneType"]),
+    "glob matches nothing": (lambda t: t / "*.nothing", [], ["produced no documents"]),
+    "too short for a row": (lambda t: table_dir(t / "tab", ["tiny"]), [], ["fewer than seq_len"]),
+}
+
+
+@pytest.mark.parametrize("name", FAILURES)
+def test_failed_corpus_run_leaves_the_old_set_byte_identical(existing, tmp_path, capsys, name):
+    out, before = existing
+    make_source, extra, fragments = FAILURES[name]
+    code, _, err = data_cli(capsys, "corpus", "--source", str(make_source(tmp_path)), *extra,
+                            *CORPUS, "--out", str(out))
+    assert_one_line_error(code, err, *fragments)
+    assert_untouched(out, before)
+
+
+def failing_writer(monkeypatch, exc: type[BaseException], out: Path) -> list[int]:
+    """Make the third shard close raise `exc`; returns how many shards were in the tmp dir then."""
+    real_close, seen = shards._SplitWriter._close_shard, []
+
+    def close_then_fail(self):
+        real_close(self)
+        seen.append(len(list(out.parent.glob(f".{out.name}.tmp-*/*.parquet"))))
+        if len(seen) == 3:
+            raise exc("injected")
+
+    monkeypatch.setattr(shards._SplitWriter, "_close_shard", close_then_fail)
+    return seen
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("kind", ["corpus", "synthetic"])
+def test_exception_mid_write_leaves_the_old_set(existing, monkeypatch, exc, kind):
+    out, before = existing
+    seen = failing_writer(monkeypatch, exc, out)
+    with pytest.raises(exc, match="injected"):
+        if kind == "corpus":
+            corpus(out, shard_max_bytes=50 * 65 * 2, overwrite=True)
+        else:
+            write_synthetic_shards("letters", 300, 1, out, shard_max_bytes=40 * 68,
+                                   progress=lambda line: None, overwrite=True)
+    assert seen[-1] == 3  # shards had been written (beside `out`) when the write failed
+    assert_untouched(out, before)
+
+
+def test_non_empty_out_needs_overwrite(existing, tmp_path, capsys):
+    out, before = existing
+    code, out_text, err = data_cli(capsys, "synthetic", "--num-sequences", "50", "--out", str(out))
+    assert_one_line_error(code, err, f"--out {out} is not empty", "--overwrite", "another --out")
+    source = text_tree(tmp_path / "src") / "*.txt"
+    code, out_text, err = data_cli(capsys, "corpus", "--source", str(source), "--tokenizer",
+                                   "bpe:300", "--seq-len", "16", "--out", str(out))
+    assert_one_line_error(code, err, f"--out {out} is not empty")
+    assert "training" not in out_text  # refused before the BPE tokenizer was trained
+    assert_untouched(out, before)
+    with pytest.raises(DataError, match="not empty"):
+        corpus(out)  # the writers are public API: they check too
+
+
+def test_overwrite_replaces_the_set_and_leaves_no_sibling(existing, capsys):
+    out, before = existing
+    code, out_text, err = data_cli(capsys, "synthetic", "--num-sequences", "50", "--seed", "7",
+                                   "--shard-mb", "1", "--overwrite", "--out", str(out))
+    assert code == 0, err
+    assert out_text.splitlines()[-1].startswith(f"wrote {out}: train 50 sequences")
+    manifest = validate_shards(out)
+    assert (manifest["seed"], manifest["splits"]["train"]["num_sequences"]) == (7, 50)
+    assert sorted(snapshot(out)) == ["manifest.json", "tokenizer.json", "train-00000.parquet",
+                                     "val-00000.parquet"]  # the old set's 3 train shards are gone
+    assert_untouched(out, snapshot(out))
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt", "logs"])
+def test_foreign_file_is_refused_even_with_overwrite(existing, capsys, foreign):
+    out, _ = existing
+    if foreign == "logs":
+        (out / "logs").mkdir()  # a directory of ours is never in a shard set either
+    else:
+        (out / foreign).write_text("mine")
+    before = snapshot(out)
+    code, _, err = data_cli(capsys, "synthetic", "--overwrite", "--out", str(out))
+    assert_one_line_error(code, err, f"--out {out} holds {foreign}", "never deletes",
+                          "another --out")
+    assert "--overwrite" not in err  # it would not help
+    assert_untouched(out, before)
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "f").write_text("mine")
+    code, _, err = data_cli(capsys, "synthetic", "--overwrite", "--out", str(tmp_path / "f"))
+    assert_one_line_error(code, err, "is not a directory")
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_tokenizer_from_the_out_directory(tmp_path, capsys):
+    out, source = tmp_path / "set", str(text_tree(tmp_path / "src") / "*.txt")
+    code, _, err = data_cli(capsys, "corpus", "--source", source, "--tokenizer", "bpe:300",
+                            "--seq-len", "16", "--val-fraction", "0", "--out", str(out))
+    assert code == 0, err
+    first = read_split(out, "train")
+    reuse = ["--tokenizer", str(out / "tokenizer.json"), "--seq-len", "16", "--val-fraction", "0",
+             "--overwrite", "--out", str(out)]
+    before = snapshot(out)
+    code, _, err = data_cli(capsys, "corpus", "--source", str(tmp_path / "*.nothing"), *reuse)
+    assert_one_line_error(code, err, "produced no documents")
+    assert_untouched(out, before)  # tokenizer.json included
+    code, _, err = data_cli(capsys, "corpus", "--source", source, *reuse)
+    assert code == 0, err
+    assert validate_shards(out)["tokenizer"] == str(out / "tokenizer.json")
+    assert np.array_equal(read_split(out, "train"), first)  # same tokenizer, same ids
+
+
+def binary_files(root: Path) -> list[str]:
+    (root / "c.bin").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4)  # a NUL
+    (root / "d.dat").write_bytes(bytes(range(128, 256)) * 8)  # no NUL, but no UTF-8 either
+    return [str(root / "c.bin"), str(root / "d.dat")]
+
+
+def test_binary_files_are_skipped_and_counted(tmp_path, capsys):
+    src = text_tree(tmp_path / "src")
+    (src / "e.txt").write_bytes(b"caf\xe9 au lait = 1\n" * 20)  # latin-1: text, a few U+FFFD
+    skipped = binary_files(src)
+    stream = iter_documents(str(src / "*"))
+    assert [Path(d.id).name for d in stream] == ["a.txt", "b.txt", "e.txt"]
+    assert (stream.skipped.num_binary, stream.skipped.examples) == (2, skipped)
+    code, out_text, err = data_cli(capsys, "corpus", "--source", str(src / "*"), "--tokenizer",
+                                   "bytes", "--seq-len", "16", "--out", str(tmp_path / "set"))
+    assert code == 0, err
+    lines = out_text.splitlines()
+    assert lines[-2] == f"warning: skipped 2 binary files, e.g. {', '.join(skipped)}"
+    assert lines[-1].startswith("wrote") and lines[-1].endswith("; 2 binary files skipped")
+    manifest = validate_shards(tmp_path / "set")
+    assert manifest["skipped"] == {"binary": 2, "examples": skipped}
+    assert sum(manifest["splits"][s]["num_documents"] for s in ("train", "val")) == 3
+
+
+def test_skipped_examples_are_capped(tmp_path):
+    (tmp_path / "src").mkdir()
+    for i in range(7):
+        (tmp_path / "src" / f"{i}.bin").write_bytes(b"\x00" * 10)
+    (tmp_path / "src" / "text.txt").write_text("plain text")
+    stream = iter_documents(str(tmp_path / "src" / "*"))
+    assert len(list(stream)) == 1
+    assert stream.skipped.num_binary == 7 and len(stream.skipped.examples) == 5
+
+
+def test_all_binary_source_is_an_error(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    binary_files(src)
+    code, _, err = data_cli(capsys, "corpus", "--source", str(src / "*"), "--tokenizer", "bytes",
+                            "--seq-len", "16", "--out", str(tmp_path / "set"))
+    assert_one_line_error(code, err, f"source '{src / '*'}' produced no text documents",
+                          "2 binary files skipped")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no set, no tmp dir

@@ -1,11 +1,13 @@
 """`ft-ray data synthetic|corpus`: write token shards from the command line.
 
-    ft-ray data synthetic [--task letters|modes] [--num-sequences N] [--seed S] --out DIR
+    ft-ray data synthetic [--task letters|modes] [--num-sequences N] [--seed S] --out DIR [--overwrite]
     ft-ray data corpus --source stdlib|<glob>|hf:<name>[:<config>]|<dir> [--column text]
                        --tokenizer bytes|bpe:<size>|<path> --seq-len N [--val-fraction F]
-                       [--shard-mb M] --out DIR
+                       [--shard-mb M] --out DIR [--overwrite]
 
-Bad input ends with one line on stderr and exit status 2, never a traceback.
+Bad input ends with one line on stderr and exit status 2, never a traceback. The output
+directory is checked first (a non-empty one needs --overwrite), so a refused run costs nothing,
+and it is replaced only by a complete shard set: a failed run leaves it as it was.
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ def _add_synthetic(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="(default: 0.05)")
     p.add_argument("--shard-mb", type=float, default=64.0, help="shard size bound (default: 64)")
+    _add_out(p)
+
+
+def _add_out(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shard set already in --out (never other files)")
 
 
 def _add_corpus(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +51,7 @@ def _add_corpus(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, required=True, help="tokens per training input")
     p.add_argument("--val-fraction", type=float, default=0.01, help="(default: 0.01)")
     p.add_argument("--shard-mb", type=float, default=64.0, help="shard size bound (default: 64)")
-    p.add_argument("--out", required=True, help="output directory")
+    _add_out(p)
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -66,14 +74,16 @@ def _run_synthetic(args: argparse.Namespace) -> None:
     from ft_ray.data.shards import write_synthetic_shards
 
     write_synthetic_shards(args.task, args.num_sequences, args.seed, args.out,
-                           val_fraction=args.val_fraction, shard_max_bytes=_shard_bytes(args.shard_mb))
+                           val_fraction=args.val_fraction, shard_max_bytes=_shard_bytes(args.shard_mb),
+                           overwrite=args.overwrite)
 
 
 def _run_corpus(args: argparse.Namespace) -> None:
-    from ft_ray.data.shards import write_corpus_shards
+    from ft_ray.data.shards import check_out_dir, write_corpus_shards
     from ft_ray.data.sources import iter_documents
     from ft_ray.data.tokenizer import load_tokenizer
 
+    check_out_dir(args.out, args.overwrite)  # a refused --out costs no BPE training or tokenizing
     iter_documents(args.source, args.column)  # an unknown source fails before BPE training
 
     def texts():
@@ -81,11 +91,12 @@ def _run_corpus(args: argparse.Namespace) -> None:
 
     if args.tokenizer.startswith("bpe:"):
         print(f"training {args.tokenizer} on {args.source} ...", flush=True)
+    # a tokenizer.json is read whole here, so it may live in the --out it will be replaced in
     tok = load_tokenizer(args.tokenizer, texts)
     write_corpus_shards(iter_documents(args.source, args.column), tok, args.seq_len, args.out,
                         val_fraction=args.val_fraction, shard_max_bytes=_shard_bytes(args.shard_mb),
                         progress=lambda line: print(line, flush=True), source=args.source,
-                        tokenizer_spec=args.tokenizer)
+                        tokenizer_spec=args.tokenizer, overwrite=args.overwrite)
 
 
 def run_data(args: argparse.Namespace) -> int:

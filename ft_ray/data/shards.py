@@ -13,6 +13,11 @@ appended to their split's stream, the stream cut into rows, and rows written to 
 one row group at a time, so memory is bounded by a row group (and the tokenizer's work on the
 largest single document), not by the shard or the corpus. Reading and validation live in
 manifest.py and are re-exported here.
+
+A shard set is written whole or not at all: every file goes into a hidden sibling of the output
+directory, which replaces it only once complete (ft_ray/fsutil.py), so a failed run leaves the
+old set byte for byte. A non-empty output is replaced only when asked (`overwrite`), and never
+when it holds a file that a shard set does not: we do not delete files we did not write.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +45,12 @@ from ft_ray.data.manifest import (  # noqa: F401  (re-exported)
     read_split,
     validate_shards,
 )
-from ft_ray.data.sources import Document
-from ft_ray.data.synthetic import get_task
+from ft_ray.data.sources import Document, DocumentStream, Skipped
+from ft_ray.data.synthetic import Task, get_task
+from ft_ray.fsutil import atomic_directory
 
 SPLITS = ("train", "val")
+SHARD_SET_FILES = ("manifest.json", "tokenizer.json", *(f"{s}-*.parquet" for s in SPLITS))
 SHARD_MAX_BYTES = 64 << 20
 ROW_GROUP_BYTES = 4 << 20  # rows buffered in memory between writes
 PROGRESS_SECONDS = 10.0
@@ -180,18 +188,30 @@ def _check_args(seq_len: int, val_fraction: float, shard_max_bytes: int) -> None
         raise DataError(f"shard_max_bytes must be >= 1, got {shard_max_bytes}")
 
 
-def _prepare_out_dir(out_dir: str | Path) -> Path:
-    """Create `out_dir` and delete our own artefacts of an earlier run in it.
+def check_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """`out_dir` if a shard set may be written there: absent, empty, or (with `overwrite`) a set.
 
-    The manifest goes first, so a run that fails half-way never leaves a manifest that
-    describes shards it did not write.
+    Cheap, so callers run it before any expensive work; the writers run it again just before
+    they replace the directory, in case a file appeared there meanwhile.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in [out / "manifest.json", out / "tokenizer.json",
-                *(p for s in SPLITS for p in out.glob(f"{s}-*.parquet"))]:
-        old.unlink(missing_ok=True)
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a directory")
+    names = sorted(p.name for p in out.iterdir())
+    foreign = next((n for n in names if not _is_shard_set_file(out / n)), None)
+    if foreign is not None:  # first: --overwrite would not help, so do not suggest it
+        raise DataError(f"--out {out} holds {foreign}, which is not part of a shard set: "
+                        "ft-ray data never deletes files it did not write; choose another --out")
+    if names and not overwrite:
+        raise DataError(f"--out {out} is not empty: pass --overwrite to replace the shard set "
+                        "there, or choose another --out")
     return out
+
+
+def _is_shard_set_file(path: Path) -> bool:
+    return path.is_file() and any(fnmatch(path.name, pattern) for pattern in SHARD_SET_FILES)
 
 
 def _batched(docs: Iterable[Document]) -> Iterator[list[Document]]:
@@ -224,37 +244,59 @@ def _base_manifest(kind: str, source: str, tokenizer_spec: str, tok: Tokenizer, 
             "eos_id": tk.eos_id(tok), "pad_id": tk.pad_id(tok), "val_fraction": val_fraction}
 
 
-def _finish(out: Path, manifest: Manifest, tok: Tokenizer, progress: Callable[[str], Any],
-            started: float) -> Manifest:
+def _save(tmp: Path, manifest: Manifest, tok: Tokenizer, out: Path, overwrite: bool) -> None:
     """Save tokenizer.json and manifest.json (last: its presence means the set is complete)."""
-    tok.save(str(out / "tokenizer.json"))
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    tok.save(str(tmp / "tokenizer.json"))
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    check_out_dir(out, overwrite)  # again: the write took time, and `out` is about to be replaced
+
+
+def _report(out: Path, manifest: Manifest, progress: Callable[[str], Any], started: float) -> None:
     splits = manifest["splits"]
+    num_skipped = manifest.get("skipped", {"binary": 0})["binary"]  # corpus sets count skipped files
     if splits["val"]["num_sequences"] == 0:
         progress(f"warning: the validation split is empty (val_fraction={manifest['val_fraction']})")
+    if num_skipped:
+        progress(f"warning: skipped {num_skipped} binary files, e.g. "
+                 f"{', '.join(manifest['skipped']['examples'])}")
     parts = [f"{s} {v['num_sequences']} sequences / {v['num_tokens']} tokens / "
              f"{len(v['shards'])} shards" for s, v in splits.items()]
     mb = sum((out / sh["file"]).stat().st_size for v in splits.values() for sh in v["shards"]) / 1e6
     progress(f"wrote {out}: {'; '.join(parts)}; seq_len {manifest['seq_len']}, vocab "
-             f"{manifest['vocab_size']}, {mb:.2f} MB in {time.monotonic() - started:.1f}s")
-    return manifest
+             f"{manifest['vocab_size']}, {mb:.2f} MB in {time.monotonic() - started:.1f}s"
+             + (f"; {num_skipped} binary files skipped" if num_skipped else ""))
 
 
 def write_corpus_shards(documents: Iterable[Document], tokenizer: Tokenizer, seq_len: int,
                         out_dir: str | Path, val_fraction: float = 0.01,
                         shard_max_bytes: int = SHARD_MAX_BYTES, progress: Callable[[str], Any] = print,
                         source: str = "", tokenizer_spec: str = "",
-                        on_document: Callable[[str, str], Any] | None = None) -> Manifest:
+                        on_document: Callable[[str, str], Any] | None = None,
+                        overwrite: bool = False) -> Manifest:
     """Tokenize, split by document hash, pack into rows of seq_len + 1 and write the shards.
 
     `on_document(split, doc_id)` is called for every document, e.g. to audit the split.
+    Files the source skipped (a `DocumentStream`'s binary files) are recorded in the manifest.
     """
     _check_args(seq_len, val_fraction, shard_max_bytes)
-    started, out = time.monotonic(), _prepare_out_dir(out_dir)
+    started, out = time.monotonic(), check_out_dir(out_dir, overwrite)
     manifest = _base_manifest("corpus", source, tokenizer_spec, tokenizer, seq_len, val_fraction)
+    with atomic_directory(out) as tmp:
+        manifest["splits"] = _write_corpus_splits(documents, tokenizer, tmp, manifest,
+                                                  shard_max_bytes, _Progress(progress), on_document)
+        skipped = documents.skipped if isinstance(documents, DocumentStream) else Skipped()
+        manifest["skipped"] = skipped.to_manifest()  # read now: the stream is exhausted
+        _save(tmp, manifest, tokenizer, out, overwrite)
+    _report(out, manifest, progress, started)
+    return manifest
+
+
+def _write_corpus_splits(documents: Iterable[Document], tokenizer: Tokenizer, tmp: Path,
+                         manifest: Manifest, shard_max_bytes: int, meter: _Progress,
+                         on_document: Callable[[str, str], Any] | None) -> dict[str, Any]:
+    source, seq_len, val_fraction = manifest["source"], manifest["seq_len"], manifest["val_fraction"]
     eos, dtype = manifest["eos_id"], token_dtype(manifest["vocab_size"])
-    writers = {s: _SplitWriter(out, s, seq_len + 1, dtype, shard_max_bytes) for s in SPLITS}
-    meter = _Progress(progress)
+    writers = {s: _SplitWriter(tmp, s, seq_len + 1, dtype, shard_max_bytes) for s in SPLITS}
     for batch in _batched(documents):
         for doc, ids in zip(batch, _encode(tokenizer, batch, source), strict=True):
             split = split_of(doc.id, val_fraction)
@@ -268,8 +310,7 @@ def write_corpus_shards(documents: Iterable[Document], tokenizer: Tokenizer, seq
     if splits["train"]["num_sequences"] == 0:
         raise DataError(f"source {source!r}: the train split has fewer than seq_len + 1 = "
                         f"{seq_len + 1} tokens, so no sequence could be written")
-    manifest["splits"] = splits
-    return _finish(out, manifest, tokenizer, progress, started)
+    return splits
 
 
 def derive_seed(seed: int, split: str, chunk: int) -> int:
@@ -279,7 +320,7 @@ def derive_seed(seed: int, split: str, chunk: int) -> int:
 
 def write_synthetic_shards(task: str, num_sequences: int, seed: int, out_dir: str | Path,
                            val_fraction: float = 0.05, shard_max_bytes: int = SHARD_MAX_BYTES,
-                           progress: Callable[[str], Any] = print) -> Manifest:
+                           progress: Callable[[str], Any] = print, overwrite: bool = False) -> Manifest:
     """`num_sequences` train rows plus round(num_sequences * val_fraction) validation rows.
 
     Rows are generated in fixed chunks with derived seeds, so a larger set starts with the
@@ -289,19 +330,27 @@ def write_synthetic_shards(task: str, num_sequences: int, seed: int, out_dir: st
     if num_sequences < 1:
         raise DataError(f"num_sequences must be >= 1, got {num_sequences}")
     _check_args(spec.seq_tokens - 1, val_fraction, shard_max_bytes)
-    started, out, tok = time.monotonic(), _prepare_out_dir(out_dir), tk.letter_tokenizer()
+    started, out, tok = time.monotonic(), check_out_dir(out_dir, overwrite), tk.letter_tokenizer()
     manifest = _base_manifest("synthetic", f"synthetic:{task}", "letters", tok, spec.seq_tokens - 1,
                               val_fraction) | {"task": task, "seed": seed}
-    dtype = token_dtype(manifest["vocab_size"])
     counts = {"train": num_sequences, "val": round(num_sequences * val_fraction)}
-    splits, meter = {}, _Progress(progress)
-    for split, count in counts.items():
-        writer = _SplitWriter(out, split, spec.seq_tokens, dtype, shard_max_bytes)
-        for chunk, start in enumerate(range(0, count, SYNTHETIC_CHUNK_ROWS)):
-            rows = spec.generate(min(SYNTHETIC_CHUNK_ROWS, count - start), derive_seed(seed, split, chunk))
-            writer.add_rows(rows)
-            writer.num_documents += len(rows)  # one sequence is one document
-            meter.update({split: writer})
-        splits[split] = writer.close()
-    manifest["splits"] = splits
-    return _finish(out, manifest, tok, progress, started)
+    meter = _Progress(progress)
+    with atomic_directory(out) as tmp:
+        manifest["splits"] = {split: _write_synthetic_split(spec, split, count, seed, tmp, manifest,
+                                                            shard_max_bytes, meter)
+                              for split, count in counts.items()}
+        _save(tmp, manifest, tok, out, overwrite)
+    _report(out, manifest, progress, started)
+    return manifest
+
+
+def _write_synthetic_split(spec: Task, split: str, count: int, seed: int, tmp: Path,
+                           manifest: Manifest, shard_max_bytes: int, meter: _Progress) -> dict[str, Any]:
+    dtype = token_dtype(manifest["vocab_size"])
+    writer = _SplitWriter(tmp, split, spec.seq_tokens, dtype, shard_max_bytes)
+    for chunk, start in enumerate(range(0, count, SYNTHETIC_CHUNK_ROWS)):
+        rows = spec.generate(min(SYNTHETIC_CHUNK_ROWS, count - start), derive_seed(seed, split, chunk))
+        writer.add_rows(rows)
+        writer.num_documents += len(rows)  # one sequence is one document
+        meter.update({split: writer})
+    return writer.close()

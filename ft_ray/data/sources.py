@@ -3,6 +3,8 @@
 Every source is streamed one `Document` at a time so that writing shards never holds the corpus.
 Each document carries a stable id (a relative path, a file and row, a row index) because the
 train/validation split is a hash of that id: the same corpus always splits the same way.
+Binary files met by the file sources (a glob, the stdlib) are skipped, not tokenized, and
+counted on the stream, so the manifest and the final report say how many were left out.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import glob
 import sysconfig
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,6 +22,9 @@ from ft_ray.data.errors import DataError
 
 GLOB_CHARS = set("*?[")
 SOURCE_FORMS = "'stdlib', a glob of text files, 'hf:<name>[:<config>]' or a local dataset directory"
+BINARY_SNIFF_BYTES = 8192  # a NUL byte in the head of a file marks it binary (as git and grep do)
+BINARY_REPLACEMENT_FRACTION = 0.3  # more U+FFFD than this in non-UTF-8 text: binary, not text
+NUM_SKIPPED_EXAMPLES = 5
 
 
 @dataclass(frozen=True)
@@ -28,38 +33,97 @@ class Document:
     text: str
 
 
-def iter_documents(source: str, column: str = "text") -> Iterator[Document]:
+@dataclass
+class Skipped:
+    """Files a source passed over instead of tokenizing, counted while it streams."""
+
+    num_binary: int = 0
+    examples: list[str] = field(default_factory=list)  # the first few ids, to look at
+
+    def add_binary(self, doc_id: str) -> None:
+        self.num_binary += 1
+        if len(self.examples) < NUM_SKIPPED_EXAMPLES:
+            self.examples.append(doc_id)
+
+    def to_manifest(self) -> dict:
+        return {"binary": self.num_binary, "examples": list(self.examples)}
+
+
+class DocumentStream(Iterator[Document]):
+    """The documents of one source, one at a time; `skipped` counts what it left out so far."""
+
+    def __init__(self, source: str, column: str):
+        self.source, self.skipped = source, Skipped()
+        self._docs = _non_empty(source, _resolve(source, column, self.skipped), self.skipped)
+
+    def __next__(self) -> Document:
+        return next(self._docs)
+
+
+def iter_documents(source: str, column: str = "text") -> DocumentStream:
     """Stream the documents of `source`; raise DataError for an unknown or empty source.
 
     The source is resolved now, so an unknown one fails at the call, not at the first read.
     """
-    return _non_empty(source, _resolve(source, column))
+    return DocumentStream(source, column)
 
 
-def _resolve(source: str, column: str) -> Iterable[Document]:
+def _resolve(source: str, column: str, skipped: Skipped) -> Iterable[Document]:
     if source == "stdlib":
-        return _stdlib_documents()
+        return _stdlib_documents(skipped)
     if source.startswith("hf:"):
         return _hf_documents(source[3:], column)
     if GLOB_CHARS & set(source):
-        return _glob_documents(source)
+        return _glob_documents(source, skipped)
     if Path(source).is_dir():
         return _directory_documents(Path(source), column)
     raise DataError(f"unknown source {source!r}: expected {SOURCE_FORMS}")
 
 
-def _non_empty(source: str, docs: Iterable[Document]) -> Iterator[Document]:
+def _non_empty(source: str, docs: Iterable[Document], skipped: Skipped) -> Iterator[Document]:
     num = 0
     for doc in docs:
         num += 1
         yield doc
+    if num == 0 and skipped.num_binary:
+        raise DataError(f"source {source!r} produced no text documents: "
+                        f"{skipped.num_binary} binary files skipped")
     if num == 0:
         raise DataError(f"source {source!r} produced no documents")
 
 
-def _read_text(path: Path) -> str:
-    """Text or code of any encoding: undecodable bytes become U+FFFD rather than an error."""
-    return path.read_text(encoding="utf-8", errors="replace")
+def _read_text(path: Path) -> str | None:
+    """Text or code of any encoding, or None for a binary file.
+
+    Undecodable bytes become U+FFFD rather than an error (a latin-1 comment is still code), but
+    a file that is mostly undecodable, or holds a NUL byte, is not text: tokenizing it would
+    teach the model noise.
+    """
+    with open(path, "rb") as f:
+        head = f.read(BINARY_SNIFF_BYTES)
+        if b"\0" in head:
+            return None  # before reading the rest: binaries can be large
+        data = head + f.read()
+    try:
+        return _universal_newlines(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        text = _universal_newlines(data.decode("utf-8", errors="replace"))
+    return None if text.count("\ufffd") > BINARY_REPLACEMENT_FRACTION * len(text) else text
+
+
+def _universal_newlines(text: str) -> str:
+    """What Path.read_text (text mode) does: the same corpus keeps giving the same tokens."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _file_documents(paths: Iterable[tuple[str, Path]], skipped: Skipped) -> Iterator[Document]:
+    """(id, path) pairs -> documents of the text files; binary ones are counted in `skipped`."""
+    for doc_id, path in paths:
+        text = _read_text(path)
+        if text is None:
+            skipped.add_binary(doc_id)
+        else:
+            yield Document(doc_id, text)
 
 
 def stdlib_files() -> list[Path]:
@@ -70,17 +134,16 @@ def stdlib_files() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _stdlib_documents() -> Iterator[Document]:
+def _stdlib_documents(skipped: Skipped) -> Iterator[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    for path in stdlib_files():  # ids relative to the stdlib: the split is machine-independent
-        yield Document(f"stdlib/{path.relative_to(root).as_posix()}", _read_text(path))
+    # ids relative to the stdlib: the split is machine-independent
+    paths = ((f"stdlib/{path.relative_to(root).as_posix()}", path) for path in stdlib_files())
+    yield from _file_documents(paths, skipped)
 
 
-def _glob_documents(pattern: str) -> Iterator[Document]:
-    for name in sorted(glob.glob(pattern, recursive=True)):
-        path = Path(name)
-        if path.is_file():
-            yield Document(name, _read_text(path))
+def _glob_documents(pattern: str, skipped: Skipped) -> Iterator[Document]:
+    names = sorted(glob.glob(pattern, recursive=True))  # on the first read, like every source
+    yield from _file_documents(((name, Path(name)) for name in names if Path(name).is_file()), skipped)
 
 
 def _parse_hf(spec: str) -> tuple[str, str | None]:
