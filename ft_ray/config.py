@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,16 @@ class ConfigError(ValueError):
 def _check(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(key, message)
+
+
+def is_single_name(name: str) -> bool:
+    """A run or sweep name is one directory under its storage path, never a path out of it."""
+    return bool(name) and name not in (".", "..") and not {"/", "\\", "\0"} & set(name)
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 as a string: it wants a dot (1.0e-3). Numbers written either way
+# are accepted for float keys.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +200,8 @@ class TrainConfig:
     export_bundle: bool = True  # write the serving bundle into the run directory at the end
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        _check(is_single_name(self.name), "name",
+               f"must be one path component (no '/', '\\', '.' or '..'), got {self.name!r}")
         _check(bool(self.storage_path), "storage_path", "must be a path")
         _check("://" not in self.storage_path, "storage_path",
                f"must be a local or mounted path that every node reaches, not a URI: {self.storage_path!r} "
@@ -285,6 +297,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             return float(value)
         raise bad
     if tp is str:

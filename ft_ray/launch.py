@@ -83,10 +83,11 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
 def one_line_errors():
     """Bad input ends with one line on stderr and exit status 2, not a traceback."""
     from ft_ray.data.errors import DataError
+    from ft_ray.train.checkpoint import CheckpointError
 
     try:
         yield
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"ft-ray: error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 

@@ -281,16 +281,70 @@ def test_rerun_same_name_continues_from_last_checkpoint(uninterrupted):
 
     base_dir, base = uninterrupted
     assert base.return_value["step"] == 6
-    result = fit(smoke_cfg(base_dir, "a", "train.num_workers=2", "train.max_steps=8"))
+    result = fit(smoke_cfg(base_dir, "a", "train.num_workers=2", "train.max_steps=8", "train.log_every=1"))
     assert result.return_value["step"] == 8
-    rows = (base_dir / "a" / "train.csv").read_text().splitlines()[1:]
-    assert [int(r.split(",")[0]) for r in rows] == [2, 4, 6, 8]  # steps 7-8 only: it resumed
+    rows = (base_dir / "a" / "train.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    steps = {int(r.split(",")[0]): dict(zip(header, r.split(","))) for r in rows[1:]}
+    assert list(steps) == [2, 4, 6, 7, 8]  # steps 7-8 only: it resumed
+    # the LR stays where the 6-step schedule ended (min_lr 3e-4) instead of climbing back up the
+    # 8-step curve (9.75e-4 at step 7)
+    assert float(steps[7]["lr"]) == pytest.approx(3e-4) and float(steps[8]["lr"]) == pytest.approx(3e-4)
     bundle = base_dir / "a" / "bundle" / "model.safetensors"
     stamp = bundle.stat().st_mtime_ns
     again = fit(smoke_cfg(base_dir, "a", "train.num_workers=2", "train.max_steps=8"))
     assert again.return_value["step"] == 8 and again.return_value["loss"] == result.return_value["loss"]
-    assert len((base_dir / "a" / "train.csv").read_text().splitlines()) == 5  # a finished run trains nothing
+    assert len((base_dir / "a" / "train.csv").read_text().splitlines()) == 6  # a finished run trains nothing
     assert bundle.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.timeout(300)
+def test_damaged_newest_checkpoint_resumes_from_the_intact_one(uninterrupted, tmp_path, capsys):
+    """4 KB flipped inside the newest checkpoint's shard: the re-run names it, resumes from the
+    older intact checkpoint and ends bit-identical to the uninterrupted run."""
+    from ft_ray.train.checkpoint import checkpoint_step
+    from ft_ray.train.trainer import fit
+
+    base_dir, _ = uninterrupted
+    fit(smoke_cfg(tmp_path, "e", "train.num_workers=2", "train.max_steps=4"))
+    newest = max((p for p in (tmp_path / "e").glob("checkpoint_*")), key=checkpoint_step)
+    assert checkpoint_step(newest) == 4
+    shard = next(newest.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[100:4196] = bytes(b ^ 0xFF for b in data[100:4196])
+    shard.write_bytes(bytes(data))
+    result = fit(smoke_cfg(tmp_path, "e", "train.num_workers=2"))
+    assert result.return_value["step"] == 6
+    assert f"checkpoint {newest} is damaged ({shard.name} changed since it was written" in capsys.readouterr().err
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "e" / "train.csv").read_text().splitlines()[1:]]
+    assert steps == [2, 4, 6]  # resumed at step 2: step 4 was trained again
+    a = load_bundle(base_dir / "a" / "bundle")[0]
+    e = load_bundle(tmp_path / "e" / "bundle")[0]
+    assert max_param_diff(a, e) == 0.0
+
+
+def test_resuming_a_run_as_another_model_is_refused_before_anything_runs(uninterrupted):
+    from ft_ray.train.trainer import fit
+
+    base_dir, _ = uninterrupted
+    before = {p: p.stat().st_mtime_ns for p in (base_dir / "a").rglob("*")}
+    for change in ("model.arch=baseline", "model.num_heads=2", "data.batch_size=2"):
+        with pytest.raises(ConfigError, match=f"train.name: {base_dir / 'a'} holds checkpoints of another"):
+            fit(smoke_cfg(base_dir, "a", "train.num_workers=2", change))
+    assert {p: p.stat().st_mtime_ns for p in (base_dir / "a").rglob("*")} == before
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["train.cpus_per_worker=1.5"], "train.cpus_per_worker: .*2 workers x 1.5 CPU = 3 CPU, the cluster has 2"),
+    (["train.cpus_per_worker=1"], "train.cpus_per_worker: .*Ray Data's tasks need 1"),
+    (["train.use_gpu=true"], "train.use_gpu: .*2 workers x 1 GPU = 2 GPU, the cluster has 0"),
+])
+def test_resources_the_cluster_never_has_are_refused_at_once(ray_cluster, tmp_path, overrides, match):
+    from ft_ray.train.trainer import fit
+
+    with pytest.raises(ConfigError, match=match):
+        fit(smoke_cfg(tmp_path, "never", "train.num_workers=2", *overrides))
+    assert not (tmp_path / "never").exists()
 
 
 def test_smoke_run_metrics_are_finite(uninterrupted):

@@ -78,21 +78,31 @@ def synthetic_task_of(data: DataConfig) -> str | None:
         return None
 
 
-def resolve_data(data: DataConfig, model: ModelConfig) -> DataInfo:
-    """Check the data against the model and return what the run needs to know; no Ray needed."""
+def resolve_data(data: DataConfig, model: ModelConfig, num_workers: int | None = None) -> DataInfo:
+    """Check the data against the model (and, given `num_workers`, the split sizes against the
+    batch size) and return what the run needs to know; no Ray needed."""
     if data.source == "synthetic":
         from ft_ray.data.letters import VOCAB
 
         task = get_task(data.task)
         info = DataInfo(seq_len=task.seq_tokens - 1, vocab_size=len(VOCAB), tokenizer_path=None)
         where = f"synthetic task {data.task!r}"
+        rows = {"train": data.num_train_sequences, "val": data.num_val_sequences}
+        row_keys = {"train": "data.num_train_sequences", "val": "data.num_val_sequences"}
     else:
         from ft_ray.data.shards import validate_shards
 
         manifest = validate_shards(data.path, vocab_size=model.vocab_size, seq_len=data.seq_len)
+        tokenizer = Path(data.path) / "tokenizer.json"
+        if not tokenizer.is_file():  # the bundle needs it at the end of training: say so now
+            raise DataError(f"{tokenizer}: not found; the shards' tokenizer must sit beside manifest.json")
         info = DataInfo(seq_len=int(manifest["seq_len"]), vocab_size=int(manifest["vocab_size"]),
-                        tokenizer_path=str(Path(data.path) / "tokenizer.json"))
+                        tokenizer_path=str(tokenizer))
         where = f"shards {data.path}"
+        rows = {split: int(manifest["splits"][split]["num_sequences"]) for split in ("train", "val")}
+        row_keys = {split: f"{Path(data.path) / 'manifest.json'} splits.{split}" for split in rows}
+    if num_workers is not None:
+        _check_split_sizes(rows, row_keys, data.batch_size, max(1, num_workers))
     if data.seq_len is not None and data.seq_len != info.seq_len:
         raise DataError(f"data.seq_len={data.seq_len} but the {where} have seq_len={info.seq_len}")
     if info.vocab_size > model.vocab_size:
@@ -104,11 +114,22 @@ def resolve_data(data: DataConfig, model: ModelConfig) -> DataInfo:
     return info
 
 
-def build_datasets(data: DataConfig, model: ModelConfig) -> tuple[dict, DataInfo]:
+def _check_split_sizes(rows: dict[str, int], keys: dict[str, str], batch_size: int, workers: int) -> None:
+    """Each worker needs one full training batch of its 1/workers of the train split, and at
+    least one validation batch of its own (ranks take interleaved batches of the whole split):
+    found here, not at the first evaluation hundreds of steps in."""
+    need = batch_size * workers
+    for split, num in rows.items():
+        if num < need:
+            raise DataError(f"{keys[split]}: the {split} split has {num} sequences; data.batch_size="
+                            f"{batch_size} x {workers} worker(s) needs at least {need}")
+
+
+def build_datasets(data: DataConfig, model: ModelConfig, info: DataInfo | None = None) -> tuple[dict, DataInfo]:
     """{"train": Dataset, "val": Dataset} and the data's shape. Call on the driver."""
     import ray.data
 
-    info = resolve_data(data, model)
+    info = info or resolve_data(data, model)  # `info`: the driver already checked (and hashed) the data
     if data.source == "synthetic":
         datasets = {
             "train": ray.data.range(data.num_train_sequences).map_batches(
@@ -122,9 +143,6 @@ def build_datasets(data: DataConfig, model: ModelConfig) -> tuple[dict, DataInfo
         manifest = load_manifest(data.path)
         files = {split: [str(Path(data.path) / s["file"]) for s in manifest["splits"][split]["shards"]]
                  for split in ("train", "val")}
-        for split, paths in files.items():
-            if not paths:
-                raise DataError(f"{Path(data.path) / 'manifest.json'}: the {split} split has no shard")
         shuffle = ray.data.FileShuffleConfig(seed=data.shuffle_seed)  # reseeded every epoch
         datasets = {"train": ray.data.read_parquet(files["train"], shuffle=shuffle),
                     "val": ray.data.read_parquet(files["val"])}

@@ -4,6 +4,9 @@ Checkpoint directory (every rank writes into its own copy; Ray Train merges them
   .metadata, __<rank>_0.distcp   model + optimizer, sharded (DCP reshards on load)
   train_state.json               step, epoch, batches consumed in the epoch, scheduler (rank 0)
   rng_rank<r>.pt                 this rank's torch RNG state (tensors only, loaded weights_only)
+  checksums_rank<r>.json         size and sha256 of every file rank r wrote, written last and
+                                 atomically: a checkpoint is complete and intact only when every
+                                 rank's checksum file is present and every listed file matches it
 
 Bundle directory (what serving loads; never unpickles anything):
   model.safetensors  config.json  tokenizer.json (when known)  metrics.json
@@ -12,9 +15,11 @@ written to a temporary sibling and renamed into place, so a partial bundle never
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,6 +37,8 @@ from ft_ray.model import build_model
 
 TRAIN_STATE = "train_state.json"
 BUNDLE_FILES = ("model.safetensors", "config.json", "metrics.json")
+CHECKSUMS = "checksums_rank{}.json"
+QUARANTINE = "quarantine"  # where the driver moves damaged checkpoints that Ray does not track
 
 
 def save_checkpoint(path: str | Path, model, optimizer, scheduler, train_state: dict, rank: int) -> None:
@@ -45,29 +52,118 @@ def save_checkpoint(path: str | Path, model, optimizer, scheduler, train_state: 
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         state = dict(train_state, scheduler=scheduler.state_dict(), world_size=world)
         (path / TRAIN_STATE).write_text(json.dumps(state))
+    write_checksums(path, rank)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(path: Path, rank: int) -> None:
+    """Record size and sha256 of every file in this rank's checkpoint directory, atomically and
+    last: a save cut short (a full disk, a killed worker) leaves no checksum file at all."""
+    files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith("checksums_rank")}
+    tmp = path / f".{CHECKSUMS.format(rank)}.tmp"
+    tmp.write_text(json.dumps({"rank": rank, "files": files}, indent=1))
+    os.replace(tmp, path / CHECKSUMS.format(rank))
 
 
 def checkpoint_step(path: str | Path) -> int | None:
-    """The step of a complete checkpoint directory (every rank's shard present), else None."""
+    """The step a checkpoint directory says it holds (train_state.json), else None. Says nothing
+    about whether its files are intact: see `verify_checkpoint`."""
+    try:
+        step = json.loads((Path(path) / TRAIN_STATE).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when every rank's checksum file is present and every file it lists has its size and
+    sha256; otherwise what is wrong, in a few words."""
     path = Path(path)
     try:
-        state = json.loads((path / TRAIN_STATE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    world = state.get("world_size", 1)
-    shards = all((path / f"__{r}_0.distcp").is_file() for r in range(world))
-    return state["step"] if shards and (path / ".metadata").is_file() else None
+        world = int(json.loads((path / TRAIN_STATE).read_text()).get("world_size", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return f"{TRAIN_STATE} missing or unreadable"
+    for rank in range(world):
+        try:
+            listed = json.loads((path / CHECKSUMS.format(rank)).read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{CHECKSUMS.format(rank)} missing or unreadable (save did not complete)"
+        for name, want in listed.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} missing"
+            if f.stat().st_size != want["size"]:
+                return f"{name} has {f.stat().st_size} bytes, {want['size']} were written"
+            if _sha256(f) != want["sha256"]:
+                return f"{name} changed since it was written (sha256 differs)"
+    return None
 
 
-def newest_checkpoint(*candidates: str | Path | None, run_dir: str | Path | None = None) -> str | None:
-    """The complete checkpoint with the highest step among `candidates` and the run directory's
-    checkpoint_* folders. Ray registers a reported checkpoint asynchronously; a worker that dies
-    right after reporting can leave the newest one on disk but not yet in Ray's records."""
-    paths = [Path(c) for c in candidates if c]
+def _candidates(*paths: str | Path | None, run_dir: str | Path | None) -> list[Path]:
+    """`paths` and the run directory's checkpoint_* folders, highest step first; those whose step
+    cannot be read come first (they may be the newest, and fail verification at once)."""
+    found = [Path(p) for p in paths if p]
     if run_dir is not None and Path(run_dir).is_dir():
-        paths += sorted(Path(run_dir).glob("checkpoint_*"))
-    steps = [(step, str(p)) for p in paths if (step := checkpoint_step(p)) is not None]
-    return max(steps)[1] if steps else None
+        found += sorted(Path(run_dir).glob("checkpoint_*"))
+    unique = list(dict.fromkeys(p.resolve() for p in found if p.is_dir()))
+    steps = {p: checkpoint_step(p) for p in unique}
+    return sorted(unique, key=lambda p: (steps[p] is None, steps[p] or 0, p.name), reverse=True)
+
+
+def newest_checkpoint(*candidates: str | Path | None, run_dir: str | Path | None = None,
+                      warn=None) -> str | None:
+    """The verified checkpoint with the highest step among `candidates` and the run directory's
+    checkpoint_* folders (Ray registers a reported checkpoint asynchronously; a worker that dies
+    right after reporting can leave the newest one on disk but not yet in Ray's records). A
+    damaged one is skipped with a warning naming it. Raises `CheckpointError` when checkpoints
+    exist but none verifies: starting from scratch instead would silently throw the run away."""
+    warn = warn or (lambda msg: print(f"[ft-ray] warning: {msg}", file=sys.stderr, flush=True))
+    damaged = []
+    for path in _candidates(*candidates, run_dir=run_dir):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return str(path)
+        damaged.append(f"{path.name} ({problem})")
+        warn(f"skipping damaged checkpoint {path}: {problem}")
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint to resume from: {'; '.join(damaged)}")
+    return None
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none can be trusted."""
+
+
+def damaged_checkpoints(run_dir: str | Path) -> tuple[str | None, list[tuple[Path, str]]]:
+    """(the newest verified checkpoint or None, [(damaged checkpoint newer than it, problem)])."""
+    damaged = []
+    for path in _candidates(run_dir=run_dir):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return str(path), damaged
+        damaged.append((path, problem))
+    return None, damaged
+
+
+def quarantine(path: Path, run_dir: Path) -> Path | None:
+    """Move a damaged checkpoint that Ray's run snapshot does not list into run_dir/quarantine/
+    (Ray refuses to restore a run whose snapshot names a missing checkpoint, so those stay, are
+    skipped on every resume, and go when Ray's num_to_keep retention deletes them)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if snapshot.is_file() and path.name in snapshot.read_text():
+        return None
+    target = run_dir / QUARANTINE / path.name
+    target.parent.mkdir(exist_ok=True)
+    path.rename(target)
+    return target
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler, rank: int) -> dict:

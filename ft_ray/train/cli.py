@@ -29,11 +29,11 @@ def run(args: argparse.Namespace) -> int:
 
     with one_line_errors():
         cfg = load_config(resolve_preset(args.config), args.overrides)
-        resolve(cfg)  # config, data and storage checks before Ray starts
+        run = resolve(cfg)  # config, data, storage and resume checks before Ray starts
     ensure_ray()
     try:
         with one_line_errors():
-            result = fit(cfg)
+            result = fit(run)
     except Exception as e:  # Ray raises when the run fails (after max_failures restarts)
         print(f"[ft-ray] training failed: {e}", file=sys.stderr)
         return 1

@@ -143,6 +143,7 @@ def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str 
             pos = Position(**load_checkpoint(ckpt, model, optimizer, scheduler, rank))
     if pos.step >= tc.max_steps:  # a finished run started again: report its result, train nothing
         return _finished(model, cfg, runtime, run_dir, tokenizer_path, precision, pos.step)
+    _retarget_schedule(scheduler, pos.step, tc.max_steps, rank)
     log = MetricsWriter(run_dir, enabled=rank == 0, resume_step=pos.step)
     if rank == 0:
         (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
@@ -217,6 +218,19 @@ def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str 
         _export(model, cfg, run_dir, tokenizer_path, precision, final, rank)
     log.close()
     return final
+
+
+def _retarget_schedule(scheduler, step: int, max_steps: int, rank: int) -> None:
+    """A run resumed with another train.max_steps: its LR decays from where it is now to min_lr at
+    the new max_steps (no jump back up the curve of the longer horizon)."""
+    schedule = scheduler.lr_lambdas[0]
+    if schedule.total_steps == max_steps:
+        return
+    old = schedule.total_steps
+    schedule.retarget(step, max_steps)
+    if rank == 0:
+        print(f"[ft-ray] train.max_steps {old} -> {max_steps}: the learning rate decays from "
+              f"{schedule.lr(step):.3g} at step {step} to {schedule.min_lr:.3g} at step {max_steps}", flush=True)
 
 
 def _export(model, cfg: Config, run_dir: Path, tokenizer_path, precision: str, metrics: dict, rank: int) -> None:

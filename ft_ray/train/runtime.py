@@ -64,10 +64,10 @@ class RayRuntime:
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            yield newest_checkpoint(run_dir=self.run_dir)
+            yield agreed(lambda: newest_checkpoint(run_dir=self.run_dir), self.rank)
         else:
             with checkpoint.as_directory() as path:
-                yield newest_checkpoint(path, run_dir=self.run_dir)
+                yield agreed(lambda: newest_checkpoint(path, run_dir=self.run_dir), self.rank)
 
 
 class PlainRuntime:
@@ -99,8 +99,27 @@ class PlainRuntime:
 
     @contextmanager
     def latest_checkpoint(self):
-        found = sorted(self.root.glob("checkpoint_*")) if self.root.exists() else []
-        yield str(found[-1]) if found else None
+        from ft_ray.train.checkpoint import newest_checkpoint
+
+        yield agreed(lambda: newest_checkpoint(run_dir=self.root), self.rank)
+
+
+def agreed(choose: Callable[[], object], rank: int):
+    """`choose()` run on rank 0 only and its answer given to every rank: all ranks must resume
+    from the same checkpoint, and hashing its files once is enough."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return choose()
+    box: list = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", choose())
+        except Exception as e:  # every rank raises it, none waits for an answer that never comes
+            box[0] = ("error", e)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 @contextmanager
