@@ -275,6 +275,31 @@ def test_driver_killed_then_rerun_resumes_to_the_same_result(uninterrupted, tmp_
     assert max_param_diff(a, d) == 0.0
 
 
+@pytest.mark.timeout(300)
+def test_damaged_newest_checkpoint_resumes_from_the_intact_one(uninterrupted, tmp_path, capsys):
+    """4 KB flipped inside the newest checkpoint's shard: the re-run names it, resumes from the
+    older intact checkpoint and ends bit-identical to the uninterrupted run."""
+    from ft_ray.train.checkpoint import checkpoint_step
+    from ft_ray.train.trainer import fit
+
+    base_dir, _ = uninterrupted
+    fit(smoke_cfg(tmp_path, "e", "train.num_workers=2", "train.max_steps=4"))
+    newest = max((p for p in (tmp_path / "e").glob("checkpoint_*") if p.is_dir()), key=checkpoint_step)
+    assert checkpoint_step(newest) == 4
+    shard = next(newest.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[100:4196] = bytes(b ^ 0xFF for b in data[100:4196])
+    shard.write_bytes(bytes(data))
+    result = fit(smoke_cfg(tmp_path, "e", "train.num_workers=2"))
+    assert result.return_value["step"] == 6
+    assert f"checkpoint {newest} is damaged ({shard.name} changed since it was written" in capsys.readouterr().err
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "e" / "train.csv").read_text().splitlines()[1:]]
+    assert steps == [2, 4, 6]  # resumed at step 2: step 4 was trained again
+    a = load_bundle(base_dir / "a" / "bundle")[0]
+    e = load_bundle(tmp_path / "e" / "bundle")[0]
+    assert max_param_diff(a, e) == 0.0
+
+
 @pytest.mark.timeout(240)
 def test_rerun_same_name_continues_from_last_checkpoint(uninterrupted):
     from ft_ray.train.trainer import fit
@@ -296,31 +321,6 @@ def test_rerun_same_name_continues_from_last_checkpoint(uninterrupted):
     assert again.return_value["step"] == 8 and again.return_value["loss"] == result.return_value["loss"]
     assert len((base_dir / "a" / "train.csv").read_text().splitlines()) == 6  # a finished run trains nothing
     assert bundle.stat().st_mtime_ns == stamp
-
-
-@pytest.mark.timeout(300)
-def test_damaged_newest_checkpoint_resumes_from_the_intact_one(uninterrupted, tmp_path, capsys):
-    """4 KB flipped inside the newest checkpoint's shard: the re-run names it, resumes from the
-    older intact checkpoint and ends bit-identical to the uninterrupted run."""
-    from ft_ray.train.checkpoint import checkpoint_step
-    from ft_ray.train.trainer import fit
-
-    base_dir, _ = uninterrupted
-    fit(smoke_cfg(tmp_path, "e", "train.num_workers=2", "train.max_steps=4"))
-    newest = max((p for p in (tmp_path / "e").glob("checkpoint_*")), key=checkpoint_step)
-    assert checkpoint_step(newest) == 4
-    shard = next(newest.glob("*.distcp"))
-    data = bytearray(shard.read_bytes())
-    data[100:4196] = bytes(b ^ 0xFF for b in data[100:4196])
-    shard.write_bytes(bytes(data))
-    result = fit(smoke_cfg(tmp_path, "e", "train.num_workers=2"))
-    assert result.return_value["step"] == 6
-    assert f"checkpoint {newest} is damaged ({shard.name} changed since it was written" in capsys.readouterr().err
-    steps = [int(line.split(",")[0]) for line in (tmp_path / "e" / "train.csv").read_text().splitlines()[1:]]
-    assert steps == [2, 4, 6]  # resumed at step 2: step 4 was trained again
-    a = load_bundle(base_dir / "a" / "bundle")[0]
-    e = load_bundle(tmp_path / "e" / "bundle")[0]
-    assert max_param_diff(a, e) == 0.0
 
 
 def test_resuming_a_run_as_another_model_is_refused_before_anything_runs(uninterrupted):

@@ -197,8 +197,11 @@ def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str 
             window_steps, window_tokens, window_wait = 0, 0, batches.wait_s
 
         if pos.step % tc.eval_every == 0 or last:
-            last_eval = evaluate(model, cfg, runtime, world, device)
-            last_eval.update(_plan_eval(model, cfg, rank))
+            # on a fork of the RNG: evaluating (which samples Z) leaves training's random stream
+            # as it was, so eval settings may change on resume without changing the training
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                last_eval = evaluate(model, cfg, runtime, world, device)
+                last_eval.update(_plan_eval(model, cfg, rank))
             log.write("eval", pos.step, last_eval)
             if rank == 0:
                 print(f"[ft-ray] eval step {pos.step} " + " ".join(f"{k} {v:.4g}" for k, v in last_eval.items()), flush=True)
