@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from ft_ray.config import Config, ConfigError, load_config
+from ft_ray.config import Config, ConfigError, is_single_name, load_config
 from ft_ray.launch import resolve_preset
 
 # what the training loop reports (see train/loop.py); FT-only ones are absent for the baseline
@@ -296,8 +296,8 @@ def load_space(path: str | Path) -> SweepSpec:
         num_samples=_int_at_least(path, "num_samples", raw.get("num_samples", 1), 1),
         resources=_parse_resources(path, raw.get("resources") or {}),
         max_concurrent_trials=_parse_max_concurrent(path, raw.get("max_concurrent_trials")))
-    if not spec.name or "/" in spec.name or spec.name in (".", ".."):
-        raise _err(path, "name", f"must be a directory name without '/', got {spec.name!r}")
+    if not is_single_name(spec.name):
+        raise _err(path, "name", f"must be one path component (no '/', '\\', '.' or '..'), got {spec.name!r}")
     if spec.mode not in ("min", "max"):
         raise _err(path, "mode", f"expected min or max, got {spec.mode!r}")
     _check_metric(spec)
