@@ -1,5 +1,8 @@
 """Serving benchmarks on a real local Ray Serve instance (loopback): dynamic batching vs
 max_batch_size=1 at 16 concurrent clients, latency percentiles, HTTP overhead vs in-process.
+First, in-process and without Ray, the engine's continuous batching: 16 concurrent requests vs one
+at a time, and a short request's latency when it arrives while long ones decode
+(`python -m bench.bench_serve --engine` runs only these).
 
 Targets (issue 6): batched / unbatched throughput >= 3x; Serve HTTP overhead p50 <= 10 ms.
 
@@ -95,6 +98,48 @@ def _stop() -> None:
     ray.shutdown()
 
 
+def engine_rows(models: Path, quick: bool) -> list[Row]:
+    """The engine in-process, one torch thread (as in the 1-CPU replica): CLIENTS requests of
+    MAX_TOKENS tokens together vs one at a time; then an 8-token request submitted while CLIENTS-1
+    long ones decode, timed to its result (continuous batching returns it without waiting for them)."""
+    from ft_ray.serve import Engine, GenerationRequest
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = Engine.from_bundle(models / "ft", name="ft")
+        reqs = [GenerationRequest(f"client {c} request 0", max_tokens=MAX_TOKENS, temperature=0.8, seed=c,
+                                  plan={"seed": c}) for c in range(CLIENTS)]
+        engine.generate(reqs[:2])  # warm-up
+
+        def tokens_per_s(batches: list[list[GenerationRequest]]) -> float:
+            t0 = time.perf_counter()
+            n = sum(r.usage.completion_tokens for batch in batches for r in engine.generate(batch))
+            return n / (time.perf_counter() - t0)
+
+        rounds = 1 if quick else 3
+        together = statistics.median(tokens_per_s([reqs]) for _ in range(rounds))
+        alone = statistics.median(tokens_per_s([[r] for r in reqs]) for _ in range(rounds))
+        long = [engine.submit(r) for r in reqs[1:]]
+        for _ in range(8):
+            engine.step()
+        short = engine.submit(GenerationRequest("a short one", max_tokens=8, temperature=0.8, seed=99))
+        first_step, t0 = engine.stats.steps + 1, time.perf_counter()
+        while not short.done:
+            engine.step()
+        short_ms = (time.perf_counter() - t0) * 1e3
+        while not all(h.done for h in long):
+            engine.step()
+        left = max(h.finished_step for h in long) - short.finished_step
+    finally:
+        torch.set_num_threads(threads)
+    return [Row(f"engine in-process: {CLIENTS} concurrent requests / one at a time", together / alone, "x", "",
+                f"{together:.0f} vs {alone:.0f} tok/s ({MAX_TOKENS} tokens each, one torch thread)"),
+            Row(f"engine: an 8-token request arriving while {CLIENTS - 1} long ones decode", short_ms, "ms", "",
+                f"returned at step {short.finished_step - first_step + 1} of its own; the long ones "
+                f"decoded {left} more steps")]
+
+
 def batching_rows(models: Path, quick: bool) -> list[Row]:
     from ray import serve
 
@@ -182,7 +227,7 @@ def run(quick: bool = False) -> list[Row]:
     tmp = Path(tempfile.mkdtemp(prefix="ft-ray-bench-serve-"))
     try:
         models = _bundle(tmp)
-        return batching_rows(models, quick) + overhead_rows(models, quick)
+        return engine_rows(models, quick) + batching_rows(models, quick) + overhead_rows(models, quick)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -190,5 +235,11 @@ def run(quick: bool = False) -> list[Row]:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--overhead"]:
         print(json.dumps(measure_overhead(Path(sys.argv[2]), int(sys.argv[3]))))
+    elif sys.argv[1:2] == ["--engine"]:
+        tmp = Path(tempfile.mkdtemp(prefix="ft-ray-bench-engine-"))
+        try:
+            print(json.dumps([r.__dict__ for r in engine_rows(_bundle(tmp), quick="--quick" in sys.argv)], indent=2))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     else:
         print(json.dumps([r.__dict__ for r in run(quick="--quick" in sys.argv)], indent=2))

@@ -1,5 +1,7 @@
 """The serving engine: batched == unbatched, parity with `model.generate`, plans and seeds,
-stop/EOS/length, streaming (UTF-8, stop hold-back, cancellation) and request validation.
+stop/EOS/length, streaming (UTF-8, stop hold-back, cancellation), request validation, and the
+continuous-batching loop (staggered arrivals == solo runs, early returns, slot reuse, refusals,
+cancellation, isolation of a failing request, the async API).
 
 Tiny random-init models are written as real bundles (safetensors + config + tokenizer.json) and
 loaded with `Engine.from_bundle`. The EOS row of the LM head is zeroed: EOS then has logit 0 while
@@ -9,17 +11,34 @@ whole sequences (tests that need EOS force it with a hook).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import queue
+import threading
+import time
 
 import pytest
 import torch
 
-import ft_ray.serve.engine as engine_module
+import ft_ray.serve.scheduler as scheduler_module
 from ft_ray.config import ModelConfig
 from ft_ray.data.tokenizer import byte_tokenizer, letter_tokenizer
 from ft_ray.model import build_model
 from ft_ray.model.latent import sample_codes, uniform_codes
-from ft_ray.serve import Engine, GenerationRequest, PlanSpec, RequestError
+from ft_ray.model.sampling import sample_rows
+from ft_ray.serve import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    PlanSpec,
+    RequestError,
+    StreamEvent,
+)
+from ft_ray.serve.engine import GenerationError, RequestCancelled
+from ft_ray.serve.handle import End
+from ft_ray.serve.requests import MIN_TEMPERATURE
+from ft_ray.serve.scheduler import SchedulerConfig
+from ft_ray.serve.sequence import Row
 from ft_ray.train.checkpoint import write_bundle
 
 EOS = 2
@@ -151,11 +170,11 @@ def test_seeds_plans_and_reproduction(engines):
     def run(**kw):
         return engine.generate([GenerationRequest("K>", **{"max_tokens": 20, **kw})])[0]
 
-    a, b, c = run(seed=1, plan={"seed": 2}), run(seed=1, plan={"seed": 2}), run(seed=3, plan={"seed": 2})
+    a, b, c = run(seed=2, plan={"seed": 2}), run(seed=2, plan={"seed": 2}), run(seed=5, plan={"seed": 2})
     assert texts(a) == texts(b) and a.choices[0].codes == b.choices[0].codes
     assert texts(a) != texts(c)  # a different token seed, same plan
     assert a.choices[0].codes == c.choices[0].codes
-    d = run(seed=1, plan={"seed": 4})
+    d = run(seed=2, plan={"seed": 4})
     assert d.choices[0].codes != a.choices[0].codes and texts(d) != texts(a)
 
     # shared plan: one whole plan for the n samples; without it the plans differ
@@ -230,16 +249,23 @@ def test_eos_ends_a_sample(bundles):
     assert result.usage.completion_tokens == 4
 
 
+def record_decode_batches(engine: Engine, monkeypatch) -> list[int]:
+    """Record the batch size of every one-token forward the engine runs."""
+    sizes: list[int] = []
+    real = engine.model.forward_tokens
+
+    def counting(tokens, *args, **kwargs):
+        if tokens.shape[1] == 1:
+            sizes.append(tokens.shape[0])
+        return real(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward_tokens", counting)
+    return sizes
+
+
 def test_finished_rows_leave_the_batch(engines, monkeypatch):
     engine = engines["baseline"]
-    sizes = []
-    real = engine_module.decode_step
-
-    def counting(model, cache, tokens, positions, *rest):
-        sizes.append(tokens.shape[0])
-        return real(model, cache, tokens, positions, *rest)
-
-    monkeypatch.setattr(engine_module, "decode_step", counting)
+    sizes = record_decode_batches(engine, monkeypatch)
     engine.generate([GenerationRequest("K>", max_tokens=3, temperature=0, n=2),
                      GenerationRequest("AB>", max_tokens=8, temperature=0)])
     assert sizes == [3, 3] + [1] * 5  # the n=2 request is done after 3 tokens
@@ -403,3 +429,373 @@ def test_validation_edge_cases(engines):
     result = ft.generate([empty])[0]
     assert result.usage.prompt_tokens == 1 and len(result.choices[0].codes.prompt) == 1
     assert len(result.choices[0].token_ids) == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# continuous batching: requests arrive at any step and still equal their solo runs
+def drain(handle) -> list:
+    """The items a synchronous handle has received so far."""
+    items = []
+    while True:
+        try:
+            items.append(handle.get(0))
+        except queue.Empty:
+            return items
+
+
+def run_arrivals(engine: Engine, arrivals: list[tuple[int, GenerationRequest, bool]]):
+    """Submit (step, request, stream) before that step of a loop this test drives; step until all
+    are done. Returns the handles and the items each received (events, then its End)."""
+    handles, items = [None] * len(arrivals), [[] for _ in arrivals]
+    step = 0
+    while any(h is None or not h.done for h in handles):
+        for i, (at, req, stream) in enumerate(arrivals):
+            if at == step:
+                handles[i] = engine.submit(req, stream=stream)
+        engine.step()
+        for i, h in enumerate(handles):
+            if h is not None:
+                items[i] += drain(h)
+        step += 1
+    return handles, items
+
+
+def assert_same(result: GenerationResult, solo: GenerationResult) -> None:
+    assert len(result.choices) == len(solo.choices)
+    for a, b in zip(result.choices, solo.choices, strict=True):
+        assert (a.token_ids, a.text, a.finish_reason, a.seed, a.codes) == (
+            b.token_ids, b.text, b.finish_reason, b.seed, b.codes)
+    assert result.usage == solo.usage
+
+
+def assert_stream_matches(events: list[StreamEvent], solo: GenerationResult) -> None:
+    for ch in solo.choices:
+        mine = [e for e in events if e.index == ch.index]
+        assert "".join(e.text for e in mine) == ch.text and mine[-1].choice == ch
+    assert events[-1].usage == solo.usage
+
+
+@pytest.fixture(scope="module")
+def small(bundles):
+    """Engines with 6 slots and a budget of one slot length: requests wait, slots are reused and
+    rows change slots (compaction) while others decode, and prefills are split across steps."""
+    cfg = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=64)
+    return {k: Engine.from_bundle(bundles[k], scheduler=cfg) for k in ("ft", "baseline")}
+
+
+@pytest.mark.parametrize("kind", ["ft", "baseline"])
+def test_staggered_arrivals_equal_solo_runs(engines, small, kind, monkeypatch):
+    requests = mixed_requests(kind == "ft")  # n > 1, shared plan, explicit codes, stop strings
+    solo = [engines[kind].generate([req])[0] for req in requests]
+    for engine in (engines[kind], small[kind]):
+        sizes = record_decode_batches(engine, monkeypatch)
+        arrivals = [(3 * i, req, i % 2 == 1) for i, req in enumerate(requests)]  # streams and not, mixed
+        handles, items = run_arrivals(engine, arrivals)
+        for (_, _, stream), its, alone in zip(arrivals, items, solo, strict=True):
+            assert isinstance(its[-1], End)
+            assert_same(its[-1].unwrap(), alone)
+            if stream:
+                assert_stream_matches(its[:-1], alone)
+            else:
+                assert len(its) == 1
+        # the arrivals really were staggered into a running batch: the first request (20 tokens)
+        # was still decoding when the last one arrived, and decode steps mixed requests' rows
+        assert handles[0].finished_step > handles[-1].finished_step - handles[-1].request.max_tokens
+        assert max(sizes) > max(req.n for req in requests)
+        assert engine._scheduler.num_running == 0 and sorted(engine._scheduler._free) == list(
+            range(engine._scheduler.cfg.max_num_seqs))
+        monkeypatch.undo()
+
+
+def test_a_short_request_returns_while_long_ones_decode(engines):
+    engine = engines["ft"]
+    long = [GenerationRequest(p, max_tokens=30, temperature=0, seed=1) for p in ("K>", "AB>")]  # greedy: no EOS
+    a, b = (engine.submit(r) for r in long)
+    start = engine.stats.steps + 1  # the step that prefills them
+    for _ in range(5):
+        engine.step()
+    short = engine.submit(GenerationRequest("Q>", max_tokens=3, temperature=0.9, seed=3))
+    arrival = engine.stats.steps + 1
+    while not short.done:
+        engine.step()
+    assert short.finished_step == arrival + 2  # prefill (token 1), then two decode steps
+    (end,) = drain(short)  # its result is there at once...
+    assert not a.done and not b.done  # ...while the long ones are still decoding
+    while not (a.done and b.done):
+        engine.step()
+    assert a.finished_step == b.finished_step == start + 29
+    assert_same(end.unwrap(), engine.generate([short.request])[0])
+
+
+def test_slots_are_reused_and_the_cache_is_allocated_once(bundles, engines, monkeypatch):
+    engine = Engine.from_bundle(bundles["ft"], scheduler=SchedulerConfig(max_num_seqs=2))
+    sched = engine._scheduler
+    cfg = engine.cfg
+    assert engine.kv_cache_bytes == 2 * cfg.num_layers * 2 * cfg.num_key_value_heads * 64 * cfg.head_dim * 4
+    ptrs = [t.data_ptr() for c in sched.caches for t in (c.k, c.v)] + [sched.slot_codes.data_ptr()]
+    sizes = record_decode_batches(engine, monkeypatch)
+    requests = [GenerationRequest(p, max_tokens=m, temperature=0.8, seed=i, n=n, plan=plan)
+                for i, (p, m, n, plan) in enumerate([("K>", 9, 1, None), ("AB>", 4, 2, {"shared": True}),
+                                                     ("Z>", 12, 1, {"seed": 4}), ("", 6, 2, None),
+                                                     ("M>_", 7, 1, None), ("Q>", 5, 2, {"seed": 1})])]
+    results = engine.generate(requests)  # 9 rows through 2 slots
+    for req, result in zip(requests, results, strict=True):
+        assert_same(result, engines["ft"].generate([req])[0])
+    assert max(sizes) == 2 and len(sizes) > sum(r.max_tokens for r in requests) // 2 - len(requests)
+    assert [t.data_ptr() for c in sched.caches for t in (c.k, c.v)] + [sched.slot_codes.data_ptr()] == ptrs
+    assert sorted(sched._free) == [0, 1] and sched.num_running == 0
+
+
+def test_requests_that_can_never_fit_or_must_not_wait(bundles):
+    engine = Engine.from_bundle(bundles["ft"], scheduler=SchedulerConfig(
+        max_num_seqs=2, max_len=16, max_num_batched_tokens=16, max_waiting=2))
+    assert engine.info().max_seq_len == 16 and engine.info().max_n == 2
+    for body, field in (({"prompt": "K>", "n": 3, "max_tokens": 4}, "n"), ({"prompt": "K>" + "_" * 20}, "prompt"),
+                        ({"prompt": "K>", "max_tokens": 14}, "max_tokens")):  # 3 + 14 > 16
+        with pytest.raises(RequestError) as info:
+            engine.validate(body)
+        assert (info.value.field, info.value.status) == (field, 400)
+        with pytest.raises(RequestError) as info:
+            engine.submit(GenerationRequest(**body))
+        assert (info.value.field, info.value.status) == (field, 400)
+    ok = GenerationRequest("K>", max_tokens=4, n=2)
+    first, second = engine.submit(ok), engine.submit(ok)  # the queue holds 2
+    with pytest.raises(RequestError) as info:
+        engine.submit(ok)
+    assert info.value.status == 503 and info.value.retry_after > 0 and "retry" in info.value.message
+    engine.step()  # the first takes both slots: one place in the queue again
+    third = engine.submit(ok)
+    engine.generate([])  # nothing; the in-process API is never refused for a full queue
+    while not (first.done and second.done and third.done):
+        engine.step()
+    for bad in (dict(max_num_seqs=0), dict(max_len=1), dict(max_waiting=-1), dict(max_num_batched_tokens=1.5)):
+        with pytest.raises(ValueError):
+            SchedulerConfig(**bad)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        Engine.from_bundle(bundles["ft"], scheduler=SchedulerConfig(max_num_batched_tokens=32))
+
+
+def test_cancel_frees_the_slots_at_the_next_step(bundles, engines):
+    engine = Engine.from_bundle(bundles["baseline"], scheduler=SchedulerConfig(max_num_seqs=2))
+    sched = engine._scheduler
+    a = engine.submit(GenerationRequest("K>", max_tokens=40, n=2, seed=1), stream=True)
+    waiting = GenerationRequest("AB>", max_tokens=6, seed=2)
+    b = engine.submit(waiting)
+    for _ in range(3):
+        engine.step()
+    assert engine.num_running == 2 and engine.num_waiting == 1 and len(drain(a)) > 0
+    engine.cancel(a)
+    engine.step()  # frees a's slots, admits b
+    assert isinstance(drain(a)[-1].error, RequestCancelled) and a.done
+    while not b.done:
+        engine.step()
+    assert_same(drain(b)[-1].unwrap(), engines["baseline"].generate([waiting])[0])
+    # a synchronous stream that is closed early frees its slots at once
+    stream = engine.stream(GenerationRequest("K>", max_tokens=40, n=2))
+    next(stream)
+    assert sched.num_running == 2
+    stream.close()
+    assert sched.num_running == 0 and sorted(sched._free) == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# isolation: one failing request fails alone
+def inject_failures(engine: Engine, monkeypatch) -> None:
+    """Seed 666: its row's draw raises at its 3rd token (an exception in its sampling). Seed 667:
+    the model's logits for its row turn NaN at its 5th token (bad numerics in one batch row)."""
+    sched, real_draw, real_forward = engine._scheduler, Row.draw, engine.model.forward_tokens
+
+    def draw(row):
+        if row.seq.seed == 666 and len(row.token_ids) == 3:
+            raise RuntimeError("injected sampling failure")
+        return real_draw(row)
+
+    def forward(tokens, latent_fn=None, caches=None, rows=None, *args, **kwargs):
+        out = real_forward(tokens, latent_fn, caches, rows, *args, **kwargs)
+        if rows is not None and tokens.shape[1] == 1:
+            slots = (list(range(rows.first, rows.first + tokens.shape[0])) if rows.first is not None
+                     else rows.slots.tolist())
+            for seq in sched._admitted:
+                for row in seq.rows:
+                    if seq.seed == 667 and len(row.token_ids) == 5 and row.slot in slots:
+                        out[slots.index(row.slot)] = float("nan")
+        return out
+
+    monkeypatch.setattr(Row, "draw", draw)
+    monkeypatch.setattr(engine.model, "forward_tokens", forward)
+
+
+@pytest.mark.parametrize("kind", ["ft", "baseline"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched-sampling", "per-row-fallback"])
+def test_a_failing_request_fails_alone(engines, kind, batched, monkeypatch):
+    engine = engines[kind]
+    requests = mixed_requests(kind == "ft")
+    solo = [engine.generate([req])[0] for req in requests]
+    boom = GenerationRequest("B>", max_tokens=20, temperature=0.8, seed=666, n=2)
+    nan = GenerationRequest("N>", max_tokens=20, temperature=0, seed=667)
+    inject_failures(engine, monkeypatch)
+    if not batched:  # the batched sampler itself fails: every row is sampled alone, same draws
+        def broken(logits, *args):
+            if logits.shape[0] > 1:
+                raise RuntimeError("batched sampler bug")
+            return sample_rows(logits, *args)
+        monkeypatch.setattr(scheduler_module, "sample_rows", broken)
+    failed_before = engine.stats.failed_requests
+    arrivals = [(2 * i, req, i % 2 == 0) for i, req in enumerate(requests)]
+    arrivals[2:2] = [(3, boom, True), (4, nan, False)]
+    handles, items = run_arrivals(engine, arrivals)
+    outcome = [its[-1] for its in items]
+    assert "injected sampling failure" in str(outcome[2].error) and isinstance(outcome[2].error, GenerationError)
+    assert "NaN" in str(outcome[3].error)
+    assert len(items[2]) > 1  # the failed stream had sent events before its error
+    for end, alone in zip(outcome[:2] + outcome[4:], solo, strict=True):
+        assert_same(end.unwrap(), alone)  # its batch-mates finished, exactly as alone
+    assert engine.stats.failed_requests == failed_before + 2
+    assert engine._scheduler.num_running == 0
+    with pytest.raises(GenerationError, match="injected"):  # the sync API raises it too
+        list(engine.stream(boom))
+    with pytest.raises(GenerationError, match="NaN"):
+        engine.generate([nan])
+
+
+def test_extreme_sampling_settings_run_and_equal_greedy(engines):
+    engine = engines["ft"]
+    base = dict(prompt="K>_", max_tokens=12, seed=4, plan={"seed": 2})
+    greedy = engine.generate([GenerationRequest(**base, temperature=0)])[0].choices[0]
+    for kw in ({"temperature": MIN_TEMPERATURE}, {"top_p": 1e-300}, {"temperature": 1.5, "top_p": 1e-300},
+               {"temperature": MIN_TEMPERATURE, "top_k": 3, "top_p": 1e-300}):
+        req = engine.validate({**base, **kw})
+        assert engine.generate([req])[0].choices[0].token_ids == greedy.token_ids
+
+
+def test_unencodable_characters_are_named(engines):
+    with pytest.raises(RequestError) as info:
+        engines["ft"].validate({"prompt": "Ké€>é"})
+    assert info.value.field == "prompt" and info.value.status == 400
+    assert info.value.message == "characters the model cannot encode: 'é', '€'"
+
+
+# ---------------------------------------------------------------------------------------------
+# one plan: model.generate and the engine draw the same codes for the same seed
+def test_model_generate_equals_engine_for_the_same_plan_seed(engines):
+    engine = engines["ft"]
+    prompt = torch.tensor(engine.encode("K>__"))[None]  # (1, 5)
+    n_new = 14
+    for plan in ({"seed": 31}, {"seed": 31, "shared": True}):
+        choices = engine.generate([GenerationRequest("K>__", max_tokens=n_new, temperature=0, n=3, plan=plan)])[0].choices
+        seq, z = engine.model.generate(prompt.expand(3, -1), n_new, temperature=0, plan=31,
+                                       shared_plan=plan.get("shared", False), return_plan=True)
+        for j, ch in enumerate(choices):
+            assert ch.codes.prompt + ch.codes.new == z[j].tolist()
+            assert ch.token_ids == seq[j, 5:].tolist()
+        assert len({tuple(c.codes.new) for c in choices}) == (1 if plan.get("shared") else 3)
+    # sampled tokens too, with n = 1 (one token generator, seeded with the request seed)
+    choice = engine.generate([GenerationRequest("K>__", max_tokens=n_new, temperature=0.9, top_k=10, seed=8,
+                                                plan={"seed": 31})])[0].choices[0]
+    seq, z = engine.model.generate(prompt, n_new, temperature=0.9, top_k=10, plan=31,
+                                   generator=torch.Generator().manual_seed(8), return_plan=True)
+    assert choice.token_ids == seq[0, 5:].tolist() and choice.codes.prompt + choice.codes.new == z[0].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# the async API (a loop thread, handles awaited in an event loop) and concurrent sync callers
+def test_async_submit_await_stream_cancel_and_close(bundles, engines):
+    engine = Engine.from_bundle(bundles["ft"])
+    requests = mixed_requests(True)
+    solo = [engines["ft"].generate([req])[0] for req in requests]
+
+    async def main():
+        handles = []  # the first submit inside the event loop starts the loop thread
+        for i, req in enumerate(requests):
+            handles.append(engine.submit(req, stream=i % 2 == 0))
+            await asyncio.sleep(0.002 * i)  # arrivals while others decode
+        for i, handle in enumerate(handles):
+            if handle.stream:
+                assert_stream_matches([e async for e in handle], solo[i])
+            else:
+                assert_same(await handle, solo[i])
+        # from here decode steps take >= 20 ms, so the loop thread cannot finish these 60-token
+        # requests before the test cancels or closes (the tiny model alone does 60 in ~20 ms)
+        real_forward = engine.model.forward_tokens
+
+        def slow_forward(tokens, *args, **kwargs):
+            if tokens.shape[1] == 1:
+                time.sleep(0.02)
+            return real_forward(tokens, *args, **kwargs)
+
+        engine.model.forward_tokens = slow_forward
+        # a client that goes away: cancel after its first event
+        gone = engine.submit(GenerationRequest("K>", max_tokens=60, temperature=0), stream=True)  # no early EOS
+        seen = 0
+        with pytest.raises(RequestCancelled):  # the stream ends with the cancellation
+            async for _ in gone:
+                seen += 1
+                engine.cancel(gone)
+        assert 1 <= seen < 60
+        # closing the engine (e.g. the model is unloaded) fails what is still running
+        pending = engine.submit(GenerationRequest("K>", max_tokens=60, temperature=0))
+        await asyncio.sleep(0.01)
+        engine.close()
+        with pytest.raises(GenerationError, match="unloaded") as info:
+            await pending
+        assert info.value.status == 503
+        with pytest.raises(RequestError) as info:
+            engine.submit(GenerationRequest("K>"))
+        assert info.value.status == 503
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.model.__dict__.pop("forward_tokens", None)
+    assert engine._scheduler.num_running == 0 and not engine._threaded
+
+
+def test_concurrent_sync_callers_share_the_loop(engines):
+    """Threads calling generate/stream at once (as the current app does, via to_thread) step one
+    shared loop in turn; each gets its own output."""
+    engine = engines["baseline"]
+    requests = mixed_requests(False)
+    solo = [engine.generate([req])[0] for req in requests]
+    out: dict[int, object] = {}
+
+    def worker(i):
+        if i % 2:
+            out[i] = engine.generate([requests[i]])[0]
+        else:
+            out[i] = list(engine.stream(requests[i]))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for i, alone in enumerate(solo):
+        if i % 2:
+            assert_same(out[i], alone)
+        else:
+            assert_stream_matches(out[i], alone)
+
+
+def test_a_broken_step_fails_what_runs_and_the_loop_goes_on(bundles, monkeypatch):
+    engine = Engine.from_bundle(bundles["baseline"])
+    sched, calls = engine._scheduler, []
+    real = sched._compact
+
+    def broken():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("scheduler bug")
+        real()
+
+    monkeypatch.setattr(sched, "_compact", broken)
+
+    async def main():
+        first = engine.submit(GenerationRequest("K>", max_tokens=20, seed=1))
+        with pytest.raises(GenerationError, match="scheduler bug"):
+            await first
+        again = await engine.submit(GenerationRequest("K>", max_tokens=5, seed=1))
+        assert len(again.choices[0].token_ids) == 5
+        engine.close()
+
+    asyncio.run(main())
+    assert sched.num_running == 0 and sorted(sched._free) == list(range(sched.cfg.max_num_seqs))

@@ -13,8 +13,16 @@ import torch.nn.functional as F
 import ft_ray.model.transformer as transformer_module
 from ft_ray.config import ModelConfig
 from ft_ray.model import BaselineTransformer, FreeTransformer, build_model, sample_shared_plan
-from ft_ray.model.latent import log_q, sample_codes, uniform_codes
-from ft_ray.model.layers import KVCache
+from ft_ray.model.latent import (
+    free_bits_penalty,
+    kl_to_uniform,
+    log_q,
+    sample_and_embed,
+    sample_codes,
+    uniform_codes,
+)
+from ft_ray.model.layers import CacheRows, KVCache
+from ft_ray.model.plan import derive_seed, row_seed
 from ft_ray.model.sampling import filter_logits, sample_next
 
 
@@ -327,18 +335,24 @@ def test_prompt_z_is_sampled_from_the_encoder():
     assert (z[:, :6] != z[:1, :6]).any()
 
 
-def test_plan_draw_order_prompt_from_encoder_new_from_uniform():
-    # pins the documented draw order: new codes (uniform prior) first, then the prompt's codes
-    # sampled from the encoder's logits, both from the plan's generator
+def test_plan_draw_order_prompt_from_encoder_then_new_from_uniform():
+    # pins plan.py's one draw order: per row, from the generator seeded row_seed(seed, j), the
+    # prompt's codes sampled from the encoder's logits first, then the new codes (uniform prior)
     ft = tiny_ft(seed=13)
     prompt = torch.randint(0, 48, (3, 5), generator=torch.Generator().manual_seed(12))
     _, z = ft.generate(prompt, 7, temperature=0, plan=1234, return_plan=True)
-    g = torch.Generator().manual_seed(1234)
-    new = uniform_codes((3, 7), 4, g)
     with torch.no_grad():
-        prompt_codes = sample_codes(ft(prompt).z_logits, g)
-    assert torch.equal(z[:, 5:], new)
-    assert torch.equal(z[:, :5], prompt_codes)
+        z_logits = ft(prompt).z_logits  # (3, 5, H)
+    for j in range(3):
+        g = torch.Generator().manual_seed(row_seed(1234, j))
+        assert row_seed(1234, j) == (1234 if j == 0 else derive_seed(1234, j))
+        assert torch.equal(z[j, :5], sample_codes(z_logits[j:j + 1], g)[0])
+        assert torch.equal(z[j, 5:], uniform_codes((1, 7), 4, g)[0])
+    # with one generator for every row (plan=None), the rows draw as one batched draw would
+    _, z = ft.generate(prompt, 7, temperature=0, return_plan=True, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(z[:, :5], sample_codes(z_logits, g))
+    assert torch.equal(z[:, 5:], uniform_codes((3, 7), 4, g))
 
 
 @pytest.fixture
@@ -404,8 +418,8 @@ def test_chunked_cache_decoding_equals_full_forward():
             parts, pos = [], 0
             for size in (5, 4, 1, 4):
                 codes = z[:, pos:pos + size] if is_ft else None
-                parts.append(model._forward_tokens(tokens[:, pos:pos + size], model._codes_fn(codes),
-                                                   caches, pos=pos))
+                parts.append(model.forward_tokens(tokens[:, pos:pos + size], model.codes_fn(codes),
+                                                  caches, CacheRows(range(2), size, pos, "cpu")))
                 pos += size
         torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
@@ -423,8 +437,9 @@ def test_decode_weights_give_the_same_blocks_and_follow_parameter_changes():
         for i, block in enumerate(model.blocks):
             for kv_input in (None, x + r):
                 caches = [KVCache(3, 2, 7, 8, torch.float32, 'cpu') for _ in range(2)]  # kv heads 2, hd 8
-                got = block(x, cos, sin, kv_input=kv_input, cache=caches[0], pos=2, packed=packed[i])
-                ref = block(x, cos, sin, kv_input=kv_input, cache=caches[1], pos=2)
+                rows = CacheRows(range(3), 5, 2, "cpu")
+                got = block(x, cos, sin, kv_input=kv_input, cache=caches[0], rows=rows, packed=packed[i])
+                ref = block(x, cos, sin, kv_input=kv_input, cache=caches[1], rows=rows)
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(caches[0].k, caches[1].k, rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(caches[0].v, caches[1].v, rtol=1e-5, atol=1e-6)
@@ -795,10 +810,10 @@ def test_num_params_and_flops():
 def test_inference_post_sampler_is_a_gather():
     ft = tiny_ft(seed=28)
     z = torch.randint(0, 16, (2, 7))
-    fn = ft._codes_fn(z)
+    fn = ft.codes_fn(z)
     x = torch.randn(2, 7, 32)
     assert torch.equal(fn(x, None, None), ft.post_sampler.weight[z])
-    assert ft._codes_fn(None) is None
+    assert ft.codes_fn(None) is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -874,3 +889,162 @@ def test_attention_matches_a_reference(num_kv, causal):
         heads.append(torch.softmax(s, -1) @ v[:, g])
     ref = torch.stack(heads, 2).reshape(B, T, nh * hd) @ attn.wo.weight.T
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# training numerics: the one forward (also used by generation and serving) keeps training exact
+# ----------------------------------------------------------------------------------------------
+
+
+def _ref_block(block, x, cos, sin, kv=None, causal=True):
+    """A pre-norm block written out from the spec with plain functional ops (fp32)."""
+    a, m, (B, T, D) = block.attn, block.mlp, x.shape
+    eps = block.attn_norm.eps
+    hq = F.rms_norm(x, (D,), block.attn_norm.weight, eps)
+    hkv = hq if kv is None else F.rms_norm(kv, (D,), block.attn_norm.weight, eps)
+    heads = lambda t, n: t.view(B, T, n, a.head_dim).transpose(1, 2)  # noqa: E731
+    rope = lambda t: t * cos + t.roll(a.head_dim // 2, dims=-1) * sin  # noqa: E731 (rotate-half form)
+    q = rope(heads(F.linear(hq, a.wq.weight), a.num_heads))
+    k = rope(heads(F.linear(hkv, a.wk.weight), a.num_kv_heads))
+    v = heads(F.linear(hkv, a.wv.weight), a.num_kv_heads)
+    rep = a.num_heads // a.num_kv_heads
+    y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=causal)
+    x = x + F.linear(y.transpose(1, 2).reshape(B, T, -1), a.wo.weight)
+    h = F.rms_norm(x, (D,), block.mlp_norm.weight, eps)
+    return x + F.linear(F.silu(F.linear(h, m.w1.weight)) * F.linear(h, m.w3.weight), m.w2.weight)
+
+
+def _ref_loss(model, tokens):
+    """The training loss written out from the spec (section 1-2), sharing only the mapper and KL
+    functions of latent.py with the model: embed, first half, [encoder, sample, R = W[Z],
+    injection through K/V], second half, norm, head, CE (+ free bits)."""
+    cfg = model.cfg
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    T, hd = inputs.shape[1], cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    angles = torch.outer(torch.arange(T, dtype=torch.float64), inv_freq)
+    cos = torch.cat([angles.cos().float()] * 2, -1)
+    sin = torch.cat([-angles.sin().float(), angles.sin().float()], -1)
+    x = model.embed.weight[inputs]
+    out = {}
+    for i, block in enumerate(model.blocks):
+        kv = None
+        if isinstance(model, FreeTransformer) and i == cfg.inject_layer:
+            enc = model.encoder
+            h = _ref_block(enc.block, enc.zeta.expand_as(x), cos, sin, kv=x, causal=False)
+            out["z_logits"] = F.linear(F.rms_norm(h, (cfg.hidden_dim,), enc.norm.weight, enc.norm.eps),
+                                       enc.readout.weight)
+            r, _ = sample_and_embed(out["z_logits"], model.post_sampler.weight, None, cfg.mapper_chunk_elems)
+            kv = x + r
+        x = _ref_block(block, x, cos, sin, kv=kv)
+    logits = F.linear(F.rms_norm(x, (cfg.hidden_dim,), model.norm.weight, model.norm.eps), model.lm_head.weight)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    if "z_logits" in out:
+        loss = loss + free_bits_penalty(kl_to_uniform(out["z_logits"]), cfg.free_nats)
+    return loss
+
+
+# Obtained by running this test's set-up (model, tokens, seeds) on the code before the one-forward
+# refactor (commit 402b286, CPU, torch 2.13, one thread): `model.loss(tokens)["loss"].item()`.
+PRE_REFACTOR_LOSS = {"free_transformer": 3.9659039974212646, "baseline": 4.087439060211182}
+
+
+@pytest.mark.parametrize("arch", ["free_transformer", "baseline"])
+def test_training_loss_and_gradients_are_those_of_a_reference_forward(arch):
+    cfg = tiny_cfg(arch=arch, num_key_value_heads=2, latent_init_std=0.5)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    tokens = torch.randint(0, 48, (3, 17), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)  # the posterior sample
+    loss = model.loss(tokens)["loss"]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)
+    ref = _ref_loss(model, tokens)
+    ref.backward()
+    assert torch.equal(loss, ref)  # bit for bit, not approximately
+    for n, p in model.named_parameters():
+        assert torch.equal(grads[n], p.grad), n
+    assert loss.item() == pytest.approx(PRE_REFACTOR_LOSS[arch], rel=1e-6)  # exact on the machine above
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling never produces NaN from valid settings; only logits without a valid token raise
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sampler_extreme_settings_and_logits_give_valid_tokens():
+    from ft_ray.serve.requests import MIN_TEMPERATURE
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.5, -1.0, 0.25, 0.4]])
+    best = logits.argmax(-1)
+    # top_p = 1e-300 is 0 in float32: the most likely token must still survive
+    assert torch.equal(sample_next(logits, 1.0, top_p=1e-300, generator=g), best)
+    assert torch.equal(sample_next(logits, 1.0, top_k=3, top_p=1e-300, generator=g), best)
+    # the smallest accepted temperature: logits / 1e-6 alone would overflow for large logits
+    big = torch.tensor([[3e38, -3e38, 2.9e38, 0.0]])
+    for lg in (logits, big, logits * 1e30):
+        assert torch.equal(sample_next(lg, MIN_TEMPERATURE, generator=g), lg.argmax(-1))
+        assert torch.equal(sample_next(lg, MIN_TEMPERATURE, top_p=0.5, top_k=2, generator=g), lg.argmax(-1))
+    # +inf logits: the pick is among them, never NaN; -inf tokens are never picked
+    inf, ninf = float("inf"), float("-inf")
+    odd = torch.tensor([[inf, 1.0, inf, ninf], [ninf, 2.0, ninf, 1.0], [1e38, 3e38, ninf, ninf]])
+    for temperature, kw in ((1.0, {}), (MIN_TEMPERATURE, {}), (0.7, {"top_p": 1e-300}), (2.0, {"top_k": 2})):
+        picks = torch.stack([sample_next(odd, temperature, generator=g, **kw) for _ in range(200)])  # (200, 3)
+        assert set(picks[:, 0].tolist()) <= {0, 2} and set(picks[:, 1].tolist()) <= {1, 3}
+        assert set(picks[:, 2].tolist()) <= {0, 1}
+    assert set(torch.stack([sample_next(odd[:1], 1.0, generator=g) for _ in range(200)]).flatten().tolist()) == {0, 2}
+    assert sample_next(odd, 0).tolist() == [0, 1, 1]
+    # bf16 logits (a bf16 model) sample in float32
+    assert sample_next(logits.bfloat16(), 0.5, generator=g).dtype == torch.int64
+    # no valid token at all: a clear error for the caller to fail that row alone
+    for bad in (torch.tensor([[0.0, float("nan")]]), torch.tensor([[ninf, ninf]])):
+        for temperature in (0, 1.0):
+            with pytest.raises(ValueError, match="NaN|-inf"):
+                sample_next(bad, temperature, generator=g)
+
+
+def test_shared_plan_with_different_prompts_is_refused():
+    ft = tiny_ft(seed=31)
+    prompts = torch.randint(0, 48, (3, 5), generator=torch.Generator().manual_seed(31))
+    for plan in (None, 7, torch.zeros(4, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="prompts differ"):
+            ft.generate(prompts, 4, plan=plan, shared_plan=True)
+    # the same prompt on every row is what sharing means: accepted, one plan for all rows
+    _, z = ft.generate(prompts[:1].expand(3, -1), 4, plan=7, shared_plan=True, return_plan=True)
+    assert (z == z[:1]).all()
+    # and without sharing, different prompts get their own plans (row j seeded row_seed(7, j))
+    _, z = ft.generate(prompts, 4, plan=7, return_plan=True)
+    _, z1 = ft.generate(prompts[1:2], 4, plan=row_seed(7, 1), return_plan=True)
+    assert torch.equal(z[1], z1[0])
+
+
+def test_sample_rows_is_row_wise_and_follows_each_rows_settings():
+    from ft_ray.model.sampling import sample_rows
+
+    g = torch.Generator().manual_seed(3)
+    B, V = 6, 40
+    logits = torch.randn(B, V, generator=g) * 3
+    t = torch.tensor([0.0, 0.7, 1.0, 1.3, 1e-6, 2.0], dtype=torch.float64)
+    k = torch.tensor([0, 0, 5, 1, 0, 3])
+    p = torch.tensor([1.0, 0.9, 1.0, 1.0, 1e-300, 0.5], dtype=torch.float64)
+    for _ in range(50):
+        u = torch.rand(B, generator=g, dtype=torch.float64)
+        tokens, bad = sample_rows(logits, t, k, p, u)
+        assert bad is None
+        for i in range(B):  # the same token alone as in the batch, with per-row or scalar settings
+            alone, _ = sample_rows(logits[i:i + 1], t[i:i + 1], k[i:i + 1], p[i:i + 1], u[i:i + 1])
+            scalar, _ = sample_rows(logits[i:i + 1], t[i].item(), int(k[i]), p[i].item(), u[i:i + 1])
+            assert alone.item() == tokens[i].item() == scalar.item()
+        best = logits.argmax(-1)
+        assert tokens[0] == best[0] and tokens[3] == best[3] and tokens[4] == best[4]  # greedy, top-1, tiny T
+        assert tokens[2] in logits[2].topk(5).indices and tokens[5] in logits[5].topk(3).indices
+    # frequencies follow the softmax at temperature 1
+    probs = torch.softmax(logits[2], -1).double()
+    u = torch.rand(20000, generator=g, dtype=torch.float64)
+    draws, _ = sample_rows(logits[2:3].expand(20000, -1), torch.ones(20000, dtype=torch.float64),
+                           torch.zeros(20000, dtype=torch.int64), torch.ones(20000, dtype=torch.float64), u)
+    freq = torch.bincount(draws, minlength=V).double() / 20000
+    assert (freq - probs).abs().max() < 0.015

@@ -5,7 +5,8 @@ What it adds to `BaselineTransformer`, and nothing else:
   norm(X) with X the first half's output, RoPE at the real positions, then RMSNorm and a read-out
   to H logits per position;
 - `post_sampler`: the table W (2^H, D); R_t = W[Z_t];
-- the injection: block `inject_layer` takes keys/values from X + R (see `_forward_tokens`).
+- the injection: block `inject_layer` takes keys/values from X + R (see `forward_tokens`);
+- the generation plan (plan.py): which Z each position gets.
 Parameter names of the baseline are kept, so a baseline loads the shared part of an FT state dict.
 """
 
@@ -17,15 +18,9 @@ import torch
 from torch import nn
 
 from ft_ray.config import ModelConfig
-from ft_ray.model.latent import (
-    free_bits_penalty,
-    kl_to_uniform,
-    log_q,
-    sample_and_embed,
-    sample_codes,
-    uniform_codes,
-)
+from ft_ray.model.latent import free_bits_penalty, kl_to_uniform, log_q, sample_and_embed
 from ft_ray.model.layers import Block, RMSNorm
+from ft_ray.model.plan import Plan, make_plan
 from ft_ray.model.transformer import BaselineTransformer, LatentFn, ModelOutput
 
 
@@ -44,29 +39,6 @@ class Encoder(nn.Module):
         queries = self.zeta.expand_as(x)  # the same learned vector at every position
         h = self.block(queries, cos, sin, kv_input=x, causal=False)
         return self.readout(self.norm(h))
-
-
-class Plan:
-    """The codes of one generation: the prompt's Z (sampled from the encoder during prefill, unless
-    given) followed by the new positions' Z (drawn once from the uniform prior, or given)."""
-
-    def __init__(self, model: FreeTransformer, prompt_codes: torch.Tensor | None,
-                 new_codes: torch.Tensor, generator: torch.Generator | None, shared: bool):
-        self.model, self.prompt_codes, self.new_codes = model, prompt_codes, new_codes
-        self.generator, self.shared = generator, shared
-
-    def prefill_fn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if self.prompt_codes is None:
-            logits = self.model.encoder(x, cos, sin)  # (B, T0, H)
-            if self.shared:  # one plan for all rows: sample row 0's posterior once
-                self.prompt_codes = sample_codes(logits[:1], self.generator).expand(x.shape[0], -1)
-            else:
-                self.prompt_codes = sample_codes(logits, self.generator)  # never thresholded
-        return self.model.post_sampler.weight[self.prompt_codes]
-
-    @property
-    def codes(self) -> torch.Tensor:
-        return torch.cat([self.prompt_codes, self.new_codes], dim=1)  # (B, T0+N)
 
 
 class FreeTransformer(BaselineTransformer):
@@ -95,7 +67,8 @@ class FreeTransformer(BaselineTransformer):
         return super().flops_per_token(seq_len) + 12.0 * d * t + 2.0 * codes * d + 4.0 * codes * h
 
     # ------------------------------------------------------------------ forward
-    def _codes_fn(self, codes: torch.Tensor | None) -> LatentFn | None:
+    def codes_fn(self, codes: torch.Tensor | None) -> LatentFn | None:
+        """The latent_fn that injects fixed codes (B, T): R = W[codes], a row gather."""
         if codes is None:
             return None
         return lambda x, cos, sin: self.post_sampler.weight[codes]
@@ -105,8 +78,8 @@ class FreeTransformer(BaselineTransformer):
         """tokens (B, T). Without `z`, Z is sampled from the encoder's posterior (training and
         evaluation); with `z` (B, T) int64 codes, the decoder runs on them."""
         if z is not None:
-            self._check_codes(z, tokens.shape)
-            return ModelOutput(logits=self._forward_tokens(tokens, self._codes_fn(z)), z=z)
+            self.check_codes(z, tokens.shape)
+            return ModelOutput(logits=self.forward_tokens(tokens, self.codes_fn(z)), z=z)
         out: dict[str, torch.Tensor] = {}
 
         def encode_and_sample(x, cos, sin):
@@ -115,11 +88,12 @@ class FreeTransformer(BaselineTransformer):
                                            self.cfg.mapper_chunk_elems)
             return r
 
-        logits = self._forward_tokens(tokens, encode_and_sample)
+        logits = self.forward_tokens(tokens, encode_and_sample)
         return ModelOutput(logits=logits, z=out["z"], z_logits=out["z_logits"],
                            kl=kl_to_uniform(out["z_logits"]))
 
-    def _check_codes(self, z: torch.Tensor, shape) -> None:
+    def check_codes(self, z: torch.Tensor, shape) -> None:
+        """ValueError unless `z` is int64 codes of `shape` in [0, 2^H)."""
         if z.dtype != torch.int64 or tuple(z.shape) != tuple(shape):
             raise ValueError(f"z must be int64 codes of shape {tuple(shape)}, got {z.dtype} {tuple(z.shape)}")
         if z.numel() and (int(z.min()) < 0 or int(z.max()) >= 1 << self.cfg.latent_bits):
@@ -157,45 +131,17 @@ class FreeTransformer(BaselineTransformer):
 
     # ------------------------------------------------------------------ generation plan
     def _plan(self, prompt: torch.Tensor, max_new_tokens: int, plan, generator, shared_plan: bool) -> Plan:
-        B, T0 = prompt.shape
-        n, device, h = max_new_tokens, prompt.device, self.cfg.latent_bits
-        if isinstance(plan, bool) or not (plan is None or isinstance(plan, (int, torch.Tensor))):
-            raise ValueError(f"plan must be None, an int seed or a LongTensor of codes, got {type(plan).__name__}")
-        if isinstance(plan, int):
-            generator = torch.Generator(device=device).manual_seed(plan)
-        prompt_codes = new_codes = None
-        if isinstance(plan, torch.Tensor):
-            if plan.dtype.is_floating_point or plan.dtype == torch.bool:
-                raise ValueError(f"plan codes must be integers, got {plan.dtype}")
-            codes = plan.to(device)
-            if codes.dim() == 1:
-                codes = codes.unsqueeze(0).expand(B, -1)
-            if codes.dim() != 2 or codes.shape[0] != B or codes.shape[1] not in (n, T0 + n):
-                raise ValueError(f"plan codes must have shape (N,), (B, N), (T0+N,) or (B, T0+N) with "
-                                 f"B={B}, T0={T0}, N={n}; got {tuple(plan.shape)}")
-            self._check_codes(codes.long(), codes.shape)
-            codes = codes.long()
-            if codes.shape[1] == T0 + n:
-                prompt_codes, new_codes = codes[:, :T0], codes[:, T0:]
-            else:
-                new_codes = codes
-        if new_codes is None:
-            rows = 1 if shared_plan else B
-            new_codes = uniform_codes((rows, n), h, generator, device).expand(B, -1)
-        return Plan(self, prompt_codes, new_codes, generator, shared_plan)
+        return make_plan(self, prompt, max_new_tokens, plan, generator, shared_plan)
 
 
 def sample_shared_plan(model: FreeTransformer, prompt: torch.Tensor, max_new_tokens: int,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """One whole plan (T0+N,) for `prompt` (T0,) or (1, T0): the prompt's Z drawn once from the
-    encoder, the new Z drawn once from the prior. Pass it as `plan=` to share it across samples."""
+    """One whole plan (T0+N,) for `prompt` (T0,) or (1, T0), drawn in the plan's one order (the
+    prompt's Z from the encoder, then the new Z from the prior). Pass it as `plan=` to share it
+    across samples."""
     if prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
-    plan = model._plan(prompt[:1], max_new_tokens, None, generator, shared_plan=True)
-    with torch.no_grad():
-        x = model.embed(prompt[:1])
-        cos, sin = model._rope(0, prompt.shape[1])
-        for block in model.blocks[:model.cfg.inject_layer]:
-            x = block(x, cos, sin)
-        plan.prefill_fn(x, cos, sin)
-    return plan.codes[0]
+    plan = Plan(model, 1, max_new_tokens, [generator])
+    with torch.inference_mode():
+        model.forward_tokens(prompt[:1], plan.latent_fn, last_only=True)
+    return plan.codes[0].clone()

@@ -43,29 +43,92 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[..., i], x[..., i + d/2]) by the position's angle: (x1 cos - x2 sin,
-    x2 cos + x1 sin). x: (B, h, T, hd); cos/sin: (T, hd) from `rope_tables`, fp32. Four ops
+    x2 cos + x1 sin). x: (B, h, T, hd); cos/sin: (T, hd) from `rope_tables`, or (B, 1, T, hd) rows
+    of it for per-row positions, fp32. Four ops
     (decoding runs this twice a block per token): x * cos + rotate_half(x) * sin."""
     xf = x.float()  # a no-op for fp32 models
     out = xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin
     return out.to(x.dtype)
 
 
-class KVCache(nn.Module):
-    """Preallocated keys/values for one attention layer: (B, n_kv, max_len, hd)."""
+class CacheRows:
+    """Where the B rows of one cached forward sit in the KV caches, and what each row may see.
 
-    def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+    Row b owns cache slot `slots[b]` and feeds T tokens at positions p_b .. p_b + T - 1. `pos` is
+    one int when the rows advance together (`model.generate`), or one start per row (the engine:
+    requests of different lengths share a decode step). Keys are read over the first `length`
+    positions; a per-row mask hides what lies beyond each row's own position. Slots that form a
+    range are read and written through views; any other set through an index (one copy).
+    """
+
+    def __init__(self, slots: range | list[int], num_tokens: int, pos: int | list[int],
+                 device: torch.device | str):
+        """`slots` (B,), ascending; `num_tokens` T fed per row; `pos` one start or one per row."""
+        B, T = len(slots), num_tokens
+        first = slots[0]
+        self.first = first if list(slots) == list(range(first, first + B)) else None
+        self.slots = None if self.first is not None else torch.tensor(list(slots), device=device)
+        self.num_tokens = T
+        if not isinstance(pos, int) and len(set(pos)) == 1:
+            pos = pos[0]  # every row at the same position: the cheaper shared-offset path
+        self.mask: torch.Tensor | None = None
+        if isinstance(pos, int):
+            self.pos, self.positions, self.length = pos, None, pos + T
+            self.is_causal = pos == 0 and T > 1  # a prefill: the usual causal kernel
+            if pos > 0 and T > 1:  # a chunk at an offset: the whole prefix plus its own causal part
+                i = torch.arange(T, device=device)[:, None] + pos
+                self.mask = torch.arange(self.length, device=device)[None, :] <= i  # (T, S)
+        else:
+            self.pos = None
+            self.positions = torch.tensor(pos, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
+            self.length, self.is_causal = max(pos) + T, False
+            visible = torch.arange(self.length, device=device) <= self.positions[..., None]  # (B, T, S)
+            self.mask = visible[:, None]  # (B, 1, T, S): broadcasts over heads
+            self._rows = torch.arange(B, device=device)[:, None]  # (B, 1)
+
+    def write_read(self, cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Write `new` (B, n_kv, T, hd) into `cache` (slots, n_kv, max_len, hd) at each row's slot
+        and positions; return the rows' entries (B, n_kv, S, hd) for S = `length` positions."""
+        T = self.num_tokens
+        if self.first is not None:
+            rows = cache.narrow(0, self.first, new.shape[0])  # a view: writes land in the cache
+            if self.positions is None:
+                rows.narrow(2, self.pos, T).copy_(new)  # narrow: fewer ops than slicing, per layer and token
+            else:
+                rows[self._rows, :, self.positions] = new.transpose(1, 2)  # (B, T, n_kv, hd)
+            return rows.narrow(2, 0, self.length)
+        if self.positions is None:
+            cache[self.slots, :, self.pos:self.pos + T] = new
+        else:
+            cache[self.slots[:, None], :, self.positions] = new.transpose(1, 2)
+        return cache.narrow(2, 0, self.length).index_select(0, self.slots)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for one attention layer: (num_slots, n_kv, max_len, hd). A row of a
+    cached forward writes into its own slot (see `CacheRows`); nothing is reallocated per call."""
+
+    def __init__(self, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         super().__init__()
-        shape = (batch, num_kv_heads, max_len, head_dim)
+        shape = (num_slots, num_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v (B, n_kv, T, hd) at positions pos..pos+T-1; return all keys/values so far."""
-        end = pos + k.shape[2]
-        self.k.narrow(2, pos, k.shape[2]).copy_(k)  # narrow: fewer ops than slicing, once per layer and token
-        self.v.narrow(2, pos, v.shape[2]).copy_(v)
-        return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end)
+    def update(self, rows: CacheRows, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, n_kv, T, hd) for `rows`; return their keys/values so far (B, n_kv, S, hd)."""
+        return rows.write_read(self.k, k), rows.write_read(self.v, v)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot `src`'s first `length` positions into slot `dst` (a row changing slots)."""
+        for t in (self.k, self.v):
+            t[dst, :, :length] = t[src, :, :length]
+
+    def copy_prefix(self, src: int, dst: list[int], length: int) -> None:
+        """Copy slot `src`'s first `length` positions into slots `dst` (one prefill, n samples)."""
+        index = torch.tensor(dst, device=self.k.device)
+        for t in (self.k, self.v):
+            t[index, :, :length] = t[src:src + 1, :, :length]
 
 
 class DecodeWeights(NamedTuple):
@@ -127,24 +190,20 @@ class Attention(nn.Module):
         return self.wo(y) if packed is None else y @ packed.wo
 
     def forward(self, xq: torch.Tensor, xkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                causal: bool = True, cache: KVCache | None = None, pos: int = 0,
+                causal: bool = True, cache: KVCache | None = None, rows: CacheRows | None = None,
                 packed: DecodeWeights | None = None) -> torch.Tensor:
-        """xq, xkv: (B, T, D), already normalised. cos/sin: (T, hd) for positions pos..pos+T-1."""
+        """xq, xkv: (B, T, D), already normalised. cos/sin: (T, hd), or (B, 1, T, hd) for per-row
+        positions. With `cache`, `rows` says where the rows' keys/values go and what they see."""
         T = xq.shape[1]
         q, k, v = self.project(xq, xkv, packed)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, is_causal = None, causal and T > 1  # without a cache: the whole sequence, causal
         if cache is not None:
-            k, v = cache.update(pos, k, v)  # (B, kv, pos+T, hd)
+            k, v = cache.update(rows, k, v)  # (B, kv, S, hd)
+            mask, is_causal = rows.mask, rows.is_causal
         rep = self.num_heads // self.num_kv_heads
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        mask, is_causal = None, False
-        if causal and T > 1:
-            if k.shape[2] == T:
-                is_causal = True
-            else:  # a chunk at offset pos attends to the whole prefix plus its own causal part
-                i = torch.arange(T, device=q.device)[:, None] + pos
-                mask = torch.arange(k.shape[2], device=q.device)[None, :] <= i  # (T, S)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0)  # (B, h, T, hd)
@@ -178,9 +237,14 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_input: torch.Tensor | None = None, causal: bool = True,
-                cache: KVCache | None = None, pos: int = 0,
+                cache: KVCache | None = None, rows: CacheRows | None = None,
                 packed: DecodeWeights | None = None) -> torch.Tensor:
         hq = self.attn_norm(x)
         hkv = hq if kv_input is None else self.attn_norm(kv_input)  # same pre-norm on both inputs
-        x = x + self.drop(self.attn(hq, hkv, cos, sin, causal=causal, cache=cache, pos=pos, packed=packed))
-        return x + self.drop(self.mlp(self.mlp_norm(x), packed))
+        x = x + self._drop(self.attn(hq, hkv, cos, sin, causal=causal, cache=cache, rows=rows, packed=packed))
+        return x + self._drop(self.mlp(self.mlp_norm(x), packed))
+
+    def _drop(self, y: torch.Tensor) -> torch.Tensor:
+        # dropout is the identity in eval mode or at p = 0: skip the module call (~4 us, twice a
+        # block, on every decode step); in training with p > 0 the very same call as before
+        return self.drop(y) if self.training and self.drop.p > 0 else y

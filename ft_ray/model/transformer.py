@@ -1,11 +1,12 @@
 """The Llama-style baseline decoder, and the machinery the Free Transformer reuses.
 
-`BaselineTransformer` runs its blocks through `_forward_tokens`, which accepts a `latent_fn`:
+`forward_tokens` is the one forward of both models, for every caller: training (no cache),
+`generate` (prefill and one-token steps into a preallocated KV cache, rows advancing together)
+and the serving engine (rows in cache slots at per-row positions). It accepts a `latent_fn`:
 given the residual X entering the injection block, it returns R, and that block then takes its
-keys/values from X + R. The baseline never passes one, so it is exactly a plain decoder; the
-Free Transformer supplies it (encoder + mapper in training, fixed codes in generation).
-Generation (prefill, one-token decode with a preallocated KV cache, sampling) lives here too, so
-both models share it; the FT only decides the plan (its codes).
+keys/values from X + R: the only place Z enters. The baseline never passes one, so it is exactly
+a plain decoder; the Free Transformer supplies it (encoder + mapper in training, a `Plan` in a
+prefill, fixed codes in a decode step). The FT only decides the plan (see plan.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ft_ray.config import ModelConfig
-from ft_ray.model.layers import Block, DecodeWeights, KVCache, RMSNorm, pack_block, rope_tables
+from ft_ray.model.layers import (
+    Block,
+    CacheRows,
+    DecodeWeights,
+    KVCache,
+    RMSNorm,
+    pack_block,
+    rope_tables,
+)
 from ft_ray.model.sampling import sample_next
 
 LatentFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,6 +59,7 @@ class BaselineTransformer(nn.Module):
         # fp32 RoPE tables per device, kept out of buffers so `.to(bf16)` never rounds them
         self._rope_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._decode_cache: tuple[tuple, list[DecodeWeights]] | None = None  # see decode_weights
+        self._param_dicts: list[dict] | None = None
 
     # ------------------------------------------------------------------ initialisation, sizes
     def reset_parameters(self) -> None:
@@ -93,32 +103,53 @@ class BaselineTransformer(nn.Module):
         modified in place (optimizer steps, `load_state_dict`, `.to()`)."""
         if self.embed.weight.device.type != "cpu":
             return None
-        key = tuple((p.data_ptr(), p.dtype, p._version) for p in self.blocks.parameters())
+        if self._param_dicts is None:  # the blocks' own parameter dicts: assignments land in them
+            self._param_dicts = [m._parameters for m in self.blocks.modules() if m._parameters]
+        # the engine checks this every step: plain dict walks, not parameters()' name building
+        key = tuple((p.data_ptr(), p.dtype, p._version) for d in self._param_dicts for p in d.values()
+                    if p is not None)  # a Linear without bias registers None
         if self._decode_cache is None or self._decode_cache[0] != key:
             self._decode_cache = None  # free the stale copy before building the new one
             self._decode_cache = (key, [pack_block(b) for b in self.blocks])
         return self._decode_cache[1]
 
-    def _forward_tokens(self, tokens: torch.Tensor, latent_fn: LatentFn | None = None,
-                        caches: list[KVCache] | None = None, pos: int = 0,
-                        packed: list[DecodeWeights] | None = None) -> torch.Tensor:
-        """tokens (B, T) at positions pos..pos+T-1 -> logits (B, T, V). `packed`: the blocks'
-        `decode_weights()` (same numbers up to rounding, faster for one-token steps on CPU)."""
+    def _rope_at(self, rows: CacheRows | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for a forward: (T, hd) when every row starts at one position, (B, 1, T, hd)
+        gathered per row for per-row positions."""
+        if rows is None or rows.positions is None:
+            return self._rope(0 if rows is None else rows.pos, length)
+        cos, sin = self._rope(0, self.cfg.max_seq_len)
+        if rows.length > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {rows.length} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        return cos[rows.positions][:, None], sin[rows.positions][:, None]
+
+    def forward_tokens(self, tokens: torch.Tensor, latent_fn: LatentFn | None = None,
+                       caches: list[KVCache] | None = None, rows: CacheRows | None = None,
+                       packed: list[DecodeWeights] | None = None, last_only: bool = False) -> torch.Tensor:
+        """The one forward: tokens (B, T) -> logits (B, T, V), or (B, 1, V) with `last_only`.
+
+        Without `caches`: positions 0..T-1, causal (training, evaluation, full recompute). With
+        `caches` (one `KVCache` per block) and `rows`: row b reads and writes slot rows.slots[b]
+        at its own positions. `latent_fn(x, cos, sin) -> R` feeds the injection block. `packed`:
+        the blocks' `decode_weights()` (same numbers up to rounding, faster one-token steps on CPU).
+        """
         x = self.embed(tokens)  # (B, T, D)
-        cos, sin = self._rope(pos, tokens.shape[1])
+        cos, sin = self._rope_at(rows, tokens.shape[1])
         for i, block in enumerate(self.blocks):
             kv_input = None
             if latent_fn is not None and i == self.cfg.inject_layer:
                 kv_input = x + latent_fn(x, cos, sin)  # queries from X, keys/values from X + R
-            x = block(x, cos, sin, kv_input=kv_input, cache=caches[i] if caches else None, pos=pos,
+            x = block(x, cos, sin, kv_input=kv_input, cache=caches[i] if caches else None, rows=rows,
                       packed=packed[i] if packed else None)
+        if last_only:
+            x = x[:, -1:]  # a prefill that only samples: the LM head on the last position alone
         return self.lm_head(self.norm(x))
 
     def forward(self, tokens: torch.Tensor, z: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> ModelOutput:
         if z is not None:
             raise ValueError("the baseline has no latent: z must be None")
-        return ModelOutput(logits=self._forward_tokens(tokens))
+        return ModelOutput(logits=self.forward_tokens(tokens))
 
     # ------------------------------------------------------------------ objectives
     @staticmethod
@@ -144,19 +175,20 @@ class BaselineTransformer(nn.Module):
         return self._ce(self(inputs).logits, targets)
 
     # ------------------------------------------------------------------ generation
-    def make_caches(self, batch: int, max_len: int) -> list[KVCache]:
+    def make_caches(self, num_slots: int, max_len: int) -> list[KVCache]:
+        """One `KVCache` per block: (num_slots, n_kv, max_len, hd) keys and values each."""
         p = self.embed.weight
-        return [KVCache(batch, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim, p.dtype, p.device)
+        return [KVCache(num_slots, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim, p.dtype, p.device)
                 for _ in self.blocks]
 
     def _plan(self, prompt: torch.Tensor, max_new_tokens: int, plan, generator, shared_plan: bool):
-        """The baseline has no plan; the FT returns a `Plan` (see free_transformer.py)."""
+        """The baseline has no plan; the FT returns a `Plan` (see plan.py)."""
         if plan is not None or shared_plan:
             raise ValueError("the baseline has no latent plan: plan must be None and shared_plan False")
         return None
 
-    def _codes_fn(self, codes: torch.Tensor | None) -> LatentFn | None:
-        """The latent_fn that injects fixed codes (None for the baseline)."""
+    def codes_fn(self, codes: torch.Tensor | None) -> LatentFn | None:
+        """The latent_fn that injects fixed codes (B, T) (None for the baseline)."""
         return None
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -165,11 +197,12 @@ class BaselineTransformer(nn.Module):
                  return_plan: bool = False, shared_plan: bool = False):
         """Sample `max_new_tokens` after `prompt` (B, T0). Returns (B, T0+N), or (tokens, z).
 
-        For the FT, `plan` fixes Z: None draws it with `generator`; an int seeds a generator of
-        its own that draws the prompt's Z (from the encoder) and the new Z (uniform prior); a
+        For the FT, `plan` fixes Z (plan.py gives the one draw order, shared with the engine):
+        None draws it with `generator`; an int seeds a generator per row (row j: `row_seed(seed, j)`)
+        that draws the prompt's Z from the encoder, then the new Z from the uniform prior; a
         LongTensor gives codes for the new positions ((N,) or (B, N)) or for the whole sequence
-        ((T0+N,) or (B, T0+N)). `shared_plan=True` gives every row one whole plan, drawn once.
-        `z` is (B, T0+N) for the FT and None for the baseline.
+        ((T0+N,) or (B, T0+N)). `shared_plan=True` gives every row one whole plan, drawn once: the
+        rows must then share one prompt. `z` is (B, T0+N) for the FT and None for the baseline.
 
         Decoding runs under `torch.inference_mode` (no autograd bookkeeping per op: batch-1 decode
         is dominated by per-op overhead and weight reads); the results are returned as ordinary
@@ -195,9 +228,11 @@ class BaselineTransformer(nn.Module):
         plan_state = self._plan(prompt, max_new_tokens, plan, generator, shared_plan)
         caches = self.make_caches(B, T0 + max_new_tokens) if use_cache else None
         packed = self.decode_weights() if use_cache and max_new_tokens > 1 else None
-        prefill_fn = plan_state.prefill_fn if plan_state is not None else None
-        logits = self._forward_tokens(prompt, prefill_fn, caches, pos=0)[:, -1]  # (B, V)
-        codes = plan_state.codes if plan_state is not None else None  # (B, T0+N), known after prefill
+        slots, device = range(B), prompt.device
+        rows = CacheRows(slots, T0, 0, device) if use_cache else None
+        latent_fn = plan_state.latent_fn if plan_state is not None else None
+        logits = self.forward_tokens(prompt, latent_fn, caches, rows, last_only=True)[:, -1]  # (B, V)
+        codes = plan_state.codes if plan_state is not None else None  # (B, T0+N), complete after prefill
         seq = prompt
         for i in range(max_new_tokens):
             tok = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -206,9 +241,9 @@ class BaselineTransformer(nn.Module):
                 break
             if use_cache:
                 step_codes = None if codes is None else codes[:, T0 + i:T0 + i + 1]
-                logits = self._forward_tokens(tok[:, None], self._codes_fn(step_codes), caches,
-                                              pos=T0 + i, packed=packed)[:, -1]
+                logits = self.forward_tokens(tok[:, None], self.codes_fn(step_codes), caches,
+                                             CacheRows(slots, 1, T0 + i, device), packed)[:, -1]
             else:  # full recompute with the same codes
                 cur = None if codes is None else codes[:, :seq.shape[1]]
-                logits = self._forward_tokens(seq, self._codes_fn(cur))[:, -1]
+                logits = self.forward_tokens(seq, self.codes_fn(cur), last_only=True)[:, -1]
         return seq, codes

@@ -1,18 +1,24 @@
-"""The generation engine over one loaded bundle: batched KV-cache decoding of many requests at once.
+"""The generation engine over one loaded bundle: continuous batching of many requests.
 
-`Engine.generate` takes requests with different prompts and settings; each request expands into n
-rows (its samples). A row owns everything that makes its output its own, so a request gives the
-same output in any batch as alone (up to the float rounding of batched matmuls):
-- a token generator seeded from (request seed, sample index), and its temperature/top_k/top_p;
-- for a Free Transformer, a plan generator and its codes: the prompt's Z sampled from the encoder
-  during prefill (first draw), then the new positions' Z drawn once from the uniform prior (second
-  draw), unless given; `shared` gives the request's n rows one plan, drawn once;
-- its own position in a shared batched KV cache (see decode.py).
+Requests arrive at any time and share one decode loop (scheduler.py): every step admits waiting
+requests, decodes one token for every running row in one forward, and retires finished rows at
+once. A request gives the same output in any company, arriving at any step, as alone (up to the
+float rounding of batched matmuls): each of its n rows (samples) has its own generators, plan and
+cache slot (sequence.py).
+
+Two ways in:
+- async (the Serve deployment): `engine.start()` once, then `handle = engine.submit(req,
+  stream=...)` inside the event loop; `await handle` -> GenerationResult, `async for ev in handle`
+  -> StreamEvents; `engine.cancel(handle)` when the client goes away. A loop thread runs the steps.
+- sync (in-process callers, tests): `engine.generate(requests)` and `engine.stream(request)`;
+  without a loop thread they run the steps themselves, in the caller's thread.
 
 Seeds, all deterministic (a request without a seed gets a fresh random one, reported back):
-  sample j's seed       s_j = seed if j == 0 else derive_seed(seed, j)          (token generator)
-  sample j's plan seed  with plan.seed p: p if j == 0 or shared else derive_seed(p, j);
+  sample j's seed       s_j = row_seed(seed, j)  (seed itself for j = 0)        (token generator)
+  sample j's plan seed  with plan.seed p: row_seed(p, j) (p when shared);
                         without: derive_seed(s_j, "plan") (shared: that of sample 0)
+and the plan's draws follow model/plan.py's one order (the prompt's Z from the encoder, then the
+new Z from the prior), so `model.generate(prompt, plan=p)` gives the same codes as the engine.
 Every choice reports s_j and its codes (prompt + new, and the plan seed): re-running with `seed=s_j,
 n=1` and `plan={"codes": prompt + new}` (or, when the plan seed is unchanged, `{"codes": new}`)
 reproduces its text exactly.
@@ -20,10 +26,13 @@ reproduces its text exactly.
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import functools
+import logging
+import queue
 import secrets
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,10 +41,10 @@ from tokenizers import Tokenizer
 from ft_ray.config import ModelConfig
 from ft_ray.data.tokenizer import bos_id, eos_id, vocab_size
 from ft_ray.model import BaselineTransformer, FreeTransformer
-from ft_ray.model.latent import sample_codes, uniform_codes
-from ft_ray.model.sampling import sample_next
-from ft_ray.serve.decode import BatchKVCache, decode_step, prefill
+from ft_ray.model.plan import derive_seed, row_seed
+from ft_ray.serve.handle import End, RequestHandle
 from ft_ray.serve.requests import (
+    MAX_N,
     EngineInfo,
     GenerationRequest,
     PlanSpec,
@@ -43,155 +52,29 @@ from ft_ray.serve.requests import (
     check_request,
     validate_request,
 )
-from ft_ray.serve.text import find_stop, streamable_length
+from ft_ray.serve.results import (  # noqa: F401 (re-exported: ft_ray.serve imports them from here)
+    Choice,
+    EngineStats,
+    GenerationError,
+    GenerationResult,
+    PlanCodes,
+    RequestCancelled,
+    StreamEvent,
+    Usage,
+)
+from ft_ray.serve.scheduler import Scheduler, SchedulerConfig
+from ft_ray.serve.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
-def derive_seed(seed: int, key: int | str) -> int:
-    """A 63-bit seed derived from (seed, key); the same in every process (unlike hash())."""
-    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def sample_seed(seed: int, index: int) -> int:
-    return seed if index == 0 else derive_seed(seed, index)
-
-
-# ---------------------------------------------------------------------------------------- results
-@dataclass
-class PlanCodes:
-    """The Free Transformer codes a sample used: one per prompt position (BOS included) and one per
-    new position (all max_tokens of them, even when the sample stopped early)."""
-
-    prompt: list[int]
-    new: list[int]
-    seed: int  # the plan generator's seed (it drew the prompt's Z, and the new Z unless given)
-
-
-@dataclass
-class Choice:
-    """One sample. `token_ids` are all generated tokens, EOS included when it ended the sample;
-    `text` is their decoding without special tokens, cut before a stop string."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens)
-    seed: int  # this sample's seed: with n=1 and the same plan it reproduces the sample
-    codes: PlanCodes | None  # None for a baseline model
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int  # BOS + the prompt's tokens, counted once per request
-    completion_tokens: int  # generated tokens over all n samples
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass
-class GenerationResult:
-    model: str
-    choices: list[Choice]
-    usage: Usage
-
-
-@dataclass
-class StreamEvent:
-    """A text delta of choice `index`. The last event of a choice has its finish_reason and the
-    whole `choice`; the last event of the stream also carries `usage`."""
-
-    index: int
-    text: str
-    finish_reason: str | None = None
-    choice: Choice | None = None
-    usage: Usage | None = None
-
-
-@dataclass
-class EngineStats:
-    """Counters since the engine started (for benchmarks and tests)."""
-
-    prefill_tokens: int = 0
-    decode_steps: int = 0  # batched forward passes of one token per row
-    generated_tokens: int = 0
-
-
-# ---------------------------------------------------------------------------------------- rows
-class _Row:
-    """One sample being generated: its generator, settings, tokens and text."""
-
-    def __init__(self, index: int, seed: int, req: GenerationRequest, decode: Callable[[list[int]], str],
-                 eos: int, device: torch.device):
-        self.index, self.seed, self.req = index, seed, req
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.decode, self.eos = decode, eos
-        self.token_ids: list[int] = []
-        self.text = ""
-        self.sent = 0  # characters of `text` already streamed
-        self.finish_reason: str | None = None
-        self.codes: PlanCodes | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def sample(self, logits: torch.Tensor) -> int:
-        """logits (V,) -> the next token id, from this row's own generator."""
-        req = self.req
-        return int(sample_next(logits[None], req.temperature, req.top_k, req.top_p, self.generator)[0])
-
-    def push(self, token: int) -> str:
-        """Append a generated token; return the text delta that is now safe to stream."""
-        self.token_ids.append(token)
-        if token == self.eos:
-            self.finish_reason = "stop"
-        else:
-            text = self.decode(self.token_ids)
-            cut = find_stop(text, self.req.stop)
-            if cut is not None:
-                text, self.finish_reason = text[:cut], "stop"
-            elif len(self.token_ids) >= self.req.max_tokens:
-                self.finish_reason = "length"
-            self.text = text
-        end = len(self.text) if self.finished else streamable_length(self.text, self.req.stop)
-        delta = self.text[self.sent:end]
-        self.sent = max(self.sent, end)
-        return delta
-
-    def choice(self) -> Choice:
-        return Choice(self.index, self.text, list(self.token_ids), self.finish_reason, self.seed, self.codes)
-
-
-@dataclass
-class _Prepared:
-    """A checked request: its prompt ids, seed, rows and plan seeds (one if shared, none for a baseline)."""
-
-    request: GenerationRequest
-    prompt_ids: list[int]
-    seed: int
-    rows: list[_Row]
-    plan_seeds: list[int] = field(default_factory=list)
-
-    @property
-    def done(self) -> bool:
-        return all(row.finished for row in self.rows)
-
-    def usage(self) -> Usage:
-        return Usage(len(self.prompt_ids), sum(len(row.token_ids) for row in self.rows))
-
-    def result(self, name: str) -> GenerationResult:
-        return GenerationResult(name, [row.choice() for row in self.rows], self.usage())
-
-
-# ---------------------------------------------------------------------------------------- engine
 class Engine:
     """Generation over one model + tokenizer. The prompt is encoded without the tokenizer's own
     special tokens and prefixed with BOS (EOS when the tokenizer has no BOS); decoding skips
-    special tokens."""
+    special tokens. `scheduler` sets the cache slots, slot length, token budget and queue bound."""
 
-    def __init__(self, model: BaselineTransformer, tokenizer: Tokenizer, cfg: ModelConfig, name: str):
+    def __init__(self, model: BaselineTransformer, tokenizer: Tokenizer, cfg: ModelConfig, name: str,
+                 scheduler: SchedulerConfig | None = None):
         if vocab_size(tokenizer) > cfg.vocab_size:
             raise ValueError(f"tokenizer has ids up to {vocab_size(tokenizer) - 1}, beyond the model's "
                              f"vocab_size={cfg.vocab_size}")
@@ -200,19 +83,27 @@ class Engine:
         self.eos_id = eos_id(tokenizer)
         bos = bos_id(tokenizer)
         self.bos_id = self.eos_id if bos is None else bos
-        self.is_ft = isinstance(model, FreeTransformer)
+        self.is_ft = isinstance(model, FreeTransformer)  # the one place that asks
         self.device = model.embed.weight.device
         self.stats = EngineStats()
         self.metrics: dict = {}  # the bundle's metrics.json, when loaded from a bundle
+        sched = scheduler or SchedulerConfig()
+        slot_len = min(cfg.max_seq_len, sched.max_len or cfg.max_seq_len)
         model._rope(0, cfg.max_seq_len)  # build the RoPE tables now, not inside the first request
-        self._info = EngineInfo(name=name, arch=cfg.arch, vocab_size=cfg.vocab_size,
-                                max_seq_len=cfg.max_seq_len,
+        self._scheduler = Scheduler(model, self.is_ft, sched, slot_len, name, self.stats)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+        # what sequences call to decode: bound to the tokenizer, not to the engine, so the loop
+        # thread never holds the engine (a dropped engine is finalized in its owner's thread)
+        self._decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+        self._info = EngineInfo(name=name, arch=cfg.arch, vocab_size=cfg.vocab_size, max_seq_len=slot_len,
                                 latent_bits=cfg.latent_bits if self.is_ft else None,
-                                params=model.num_params())
+                                params=model.num_params(), max_n=min(MAX_N, sched.max_num_seqs))
 
     @classmethod
-    def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu",
-                    name: str | None = None) -> Engine:
+    def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu", name: str | None = None,
+                    scheduler: SchedulerConfig | None = None) -> Engine:
         """Load a bundle directory (model.safetensors, config.json, tokenizer.json, metrics.json);
         nothing is unpickled. The name defaults to the directory's name."""
         from ft_ray.train.checkpoint import load_bundle
@@ -222,20 +113,51 @@ class Engine:
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{path}: bundle has no tokenizer.json; the engine needs one")
         model, cfg, metrics = load_bundle(path, device)
-        engine = cls(model, Tokenizer.from_file(str(tokenizer_file)), cfg, name or path.name)
+        engine = cls(model, Tokenizer.from_file(str(tokenizer_file)), cfg, name or path.name, scheduler)
         engine.metrics = metrics
         return engine
 
     def info(self) -> EngineInfo:
         return self._info
 
+    @property
+    def num_running(self) -> int:
+        """Rows holding a cache slot now (for /healthz and load reports)."""
+        return self._scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for slots now."""
+        return self._scheduler.num_waiting
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Memory of the preallocated cache: every slot of every layer, keys and values."""
+        return sum(c.k.nbytes + c.v.nbytes for c in self._scheduler.caches)
+
     def encode(self, prompt: str) -> list[int]:
         """BOS + the prompt's token ids."""
         try:
             ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         except Exception as e:  # tokenizers raises a bare Exception, e.g. on a character it lacks
+            missing = self._unencodable(prompt)
+            if missing:
+                raise RequestError("prompt", "characters the model cannot encode: "
+                                             + ", ".join(repr(c) for c in missing)) from None
             raise RequestError("prompt", f"cannot be tokenised by model {self.name!r}: {e}") from None
         return [self.bos_id, *ids]
+
+    def _unencodable(self, prompt: str, limit: int = 16) -> list[str]:
+        """The prompt's distinct characters that the tokenizer fails on alone, in order (at most `limit`)."""
+        missing = []
+        for c in dict.fromkeys(prompt):
+            try:
+                self.tokenizer.encode(c, add_special_tokens=False)
+            except Exception:
+                missing.append(c)
+                if len(missing) == limit:
+                    break
+        return missing
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -244,124 +166,147 @@ class Engine:
         """A JSON body -> a checked request, or RequestError naming the field (see requests.py)."""
         return validate_request(body, self._info, self.encode, allowed_extra)
 
-    # ------------------------------------------------------------------------------ public calls
+    # ------------------------------------------------------------------------------ async API
+    def start(self) -> None:
+        """Run the decode loop in a thread of its own (idempotent; `submit` from an event loop
+        calls it)."""
+        if self._closed:
+            raise RuntimeError(f"engine {self.name!r} is closed")
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        # the thread holds the scheduler, not the engine, so a dropped engine is collected (and closed)
+        self._thread = threading.Thread(target=_run_loop, args=(self._scheduler, self._stop),
+                                        name=f"ft-ray-engine-{self.name}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the loop thread for good (idempotent); requests still waiting or running fail
+        with GenerationError. The synchronous API keeps working (it runs its own steps)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._scheduler.wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        self._thread = None
+        self._scheduler.fail_all(GenerationError(f"model {self.name!r} was unloaded; retry", status=503))
+
+    def __del__(self) -> None:  # Serve's multiplexer calls it when it evicts the model
+        try:
+            self.close()
+        except Exception:  # a half-built engine, or interpreter shutdown (module globals gone)
+            pass
+
+    def submit(self, request: GenerationRequest, stream: bool = False) -> RequestHandle:
+        """Queue a request; returns its handle at once. RequestError (400) for a request that can
+        never run here, (503, `retry_after`) when the queue is full or the engine closed. Inside an
+        event loop the handle is awaitable / async-iterable (see handle.py) and the loop thread is
+        started if needed; outside one, the caller reads `handle.get` and runs `step()` itself."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if self._closed:
+            raise RequestError("model", f"model {self.name!r} was unloaded; retry", status=503, retry_after=1.0)
+        seq = self._prepare(request)
+        if loop is not None:
+            self.start()
+        return self._submit(seq, stream, loop, bounded=True)
+
+    def cancel(self, handle: RequestHandle) -> None:
+        """Stop a request (e.g. its client disconnected); its slots are freed at the next step."""
+        handle.cancel_requested = True
+        self._scheduler.wake.set()
+
+    def step(self) -> bool:
+        """One scheduler iteration in the calling thread; returns whether work remains."""
+        return self._scheduler.step()
+
+    # ------------------------------------------------------------------------------ sync API
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Generate all requests together in one batch; results in the same order."""
-        prepared = [self._prepare(req) for req in requests]  # refuse bad ones before any compute
-        if prepared:
-            for _ in self._run(prepared):
-                pass
-        return [p.result(self.name) for p in prepared]
+        """Generate all requests (results in the same order); bad ones are refused before any
+        compute. They join whatever else the loop is running; in-process callers are not bounded
+        by the queue limit."""
+        prepared = [self._prepare(req) for req in requests]
+        handles = [self._submit(seq, False, None, bounded=False) for seq in prepared]
+        results = []
+        for handle in handles:
+            *_, end = self._items(handle)
+            results.append(end.unwrap())
+        return results
 
     def stream(self, request: GenerationRequest) -> Iterator[StreamEvent]:
         """Events of one request as tokens are produced. The request is checked now (a bad one
-        raises here, before any event); closing the iterator stops the generation."""
+        raises here, before any event); closing the iterator cancels the generation."""
         return self._stream(self._prepare(request))
 
-    # ------------------------------------------------------------------------------ internals
-    def _stream(self, prepared: _Prepared) -> Iterator[StreamEvent]:
-        steps = self._run([prepared])
+    def _stream(self, seq: Sequence) -> Iterator[StreamEvent]:
+        handle = self._submit(seq, True, None, bounded=False)  # at the first next()
         try:
-            for updates in steps:
-                events = [StreamEvent(row.index, delta, row.finish_reason,
-                                      row.choice() if row.finished else None)
-                          for row, delta in updates if delta or row.finished]
-                if prepared.done and events:
-                    events[-1].usage = prepared.usage()
-                yield from events
+            for item in self._items(handle):
+                if isinstance(item, End):
+                    item.unwrap()  # raises the request's error, if any
+                    return
+                yield item
         finally:
-            steps.close()  # a closed stream stops decoding at once
+            if not handle.done:  # closed early: stop decoding at once
+                self.cancel(handle)
+                if not self._threaded:
+                    self._scheduler.reap(blocking=False)  # or the next step does
 
-    def _prepare(self, req: GenerationRequest) -> _Prepared:
+    @property
+    def _threaded(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _items(self, handle: RequestHandle) -> Iterator[StreamEvent | End]:
+        """A sync handle's items, up to its End. Without a loop thread, the steps run here."""
+        while True:
+            try:
+                item = handle.get(timeout=0.1 if self._threaded else 0)
+            except queue.Empty:
+                if not self._threaded and not self.step() and not handle.done:
+                    raise RuntimeError("the scheduler ran out of work before the request ended") from None
+                continue
+            yield item
+            if isinstance(item, End):
+                return
+
+    # ------------------------------------------------------------------------------ internals
+    def _submit(self, seq: Sequence, stream: bool, loop, bounded: bool) -> RequestHandle:
+        seq.handle = RequestHandle(seq.request, stream, loop)
+        self._scheduler.submit(seq, bounded)
+        return seq.handle
+
+    def _prepare(self, req: GenerationRequest) -> Sequence:
         if not isinstance(req, GenerationRequest):
             raise TypeError(f"expected a GenerationRequest, got {type(req).__name__}")
         ids = self.encode(req.prompt)
         check_request(req, self._info, len(ids))
         seed = secrets.randbits(63) if req.seed is None else req.seed
-        rows = [_Row(j, sample_seed(seed, j), req, self.decode, self.eos_id, self.device)
-                for j in range(req.n)]
-        prepared = _Prepared(req, ids, seed, rows)
+        row_seeds = [row_seed(seed, j) for j in range(req.n)]
+        plan_seeds = []
         if self.is_ft:
             plan = req.plan or PlanSpec()
             count = 1 if plan.shared else req.n
             if plan.seed is not None:
-                prepared.plan_seeds = [sample_seed(plan.seed, j) for j in range(count)]
+                plan_seeds = [row_seed(plan.seed, j) for j in range(count)]
             else:
-                prepared.plan_seeds = [derive_seed(rows[j].seed, "plan") for j in range(count)]
-        return prepared
+                plan_seeds = [derive_seed(row_seeds[j], "plan") for j in range(count)]
+        return Sequence(req, ids, seed, row_seeds, plan_seeds, self._decode, self.eos_id, self.device)
 
-    @torch.inference_mode()
-    def _run(self, prepared: list[_Prepared]) -> Iterator[list[tuple[_Row, str]]]:
-        """Prefill every request, then decode all unfinished rows one token per step. Yields, per
-        step, (row, text delta) for every row that got a token."""
-        rows = [row for p in prepared for row in p.rows]
-        max_len = max(len(p.prompt_ids) + p.request.max_tokens for p in prepared)
-        cache = BatchKVCache(self.model, len(rows), max_len)
-        codes = torch.zeros(len(rows), max_len, dtype=torch.int64, device=self.device) if self.is_ft else None
-        logits, start = [], 0
-        for p in prepared:
-            logits.append(self._prefill(p, cache, start, codes))
-            start += len(p.rows)
-        step_logits = torch.cat(logits)  # (B, V)
-        positions = torch.tensor([len(p.prompt_ids) for p in prepared for _ in p.rows], device=self.device)
-        packed = self.model.decode_weights()
-        while True:
-            tokens = [row.sample(step_logits[b]) for b, row in enumerate(rows)]
-            self.stats.generated_tokens += len(tokens)
-            yield [(row, row.push(tok)) for row, tok in zip(rows, tokens, strict=True)]
-            keep = [b for b, row in enumerate(rows) if not row.finished]
-            if not keep:
-                return
-            if len(keep) < len(rows):  # drop finished rows from the batch
-                index = torch.tensor(keep, device=self.device)
-                cache.select(index)
-                positions = positions[index]
-                codes = None if codes is None else codes[index]
-                rows, tokens = [rows[b] for b in keep], [tokens[b] for b in keep]
-            step_codes = None if codes is None else codes.gather(1, positions[:, None])[:, 0]  # (B,)
-            step_logits = decode_step(self.model, cache, torch.tensor(tokens, device=self.device),
-                                      positions, step_codes, packed)
-            positions = positions + 1
-            self.stats.decode_steps += 1
 
-    def _prefill(self, p: _Prepared, cache: BatchKVCache, start: int,
-                 codes: torch.Tensor | None) -> torch.Tensor:
-        """Prefill request `p` into rows start..start+n-1; return next-token logits (n, V).
-
-        Rows that share everything (a baseline's n samples, a shared plan) are prefilled once and
-        copied; otherwise each row samples its own prompt Z from the encoder.
-        """
-        n, num_prompt, num_new = len(p.rows), len(p.prompt_ids), p.request.max_tokens
-        width = len(p.plan_seeds) if self.is_ft else 1  # rows prefilled separately
-        tokens = torch.tensor(p.prompt_ids, device=self.device)[None].expand(width, -1)  # (m, T0)
-        plan_gens = [torch.Generator(device=self.device).manual_seed(s) for s in p.plan_seeds]
-        given = p.request.plan.codes if p.request.plan is not None else None
-        prompt_z: list[torch.Tensor] = []
-
-        def prompt_latent(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-            if given is not None and len(given) == num_prompt + num_new:
-                z = torch.tensor(given[:num_prompt], device=self.device)[None].expand(width, -1)
-            else:  # sampled from the posterior (never thresholded), each plan from its own generator
-                z_logits = self.model.encoder(x, cos, sin)  # (m, T0, H)
-                z = torch.cat([sample_codes(z_logits[j:j + 1], g) for j, g in enumerate(plan_gens)])
-            prompt_z.append(z)
-            return self.model.post_sampler.weight[z]
-
-        views = cache.rows_view(slice(start, start + width))
-        logits = prefill(self.model, tokens, prompt_latent if self.is_ft else None, views)  # (m, V)
-        self.stats.prefill_tokens += width * num_prompt
-        if width < n:
-            cache.copy_row(start, slice(start + 1, start + n), num_prompt)
-            logits = logits.expand(n, -1)
-        if codes is not None:
-            if given is not None:
-                new_z = torch.tensor(given[-num_new:], device=self.device)[None].expand(width, -1)
-            else:  # drawn once, for all new positions, after the prompt's Z
-                bits = self.cfg.latent_bits
-                new_z = torch.cat([uniform_codes((1, num_new), bits, g, self.device) for g in plan_gens])
-            plan = torch.cat([prompt_z[0], new_z], dim=1).expand(n, -1)  # (n, T0+N)
-            codes[start:start + n, :num_prompt + num_new] = plan
-            for j, row in enumerate(p.rows):
-                row.codes = PlanCodes(plan[j, :num_prompt].tolist(), plan[j, num_prompt:].tolist(),
-                                      p.plan_seeds[j % width])
-        return logits
+def _run_loop(scheduler: Scheduler, stop: threading.Event) -> None:
+    """The loop thread: step while there is work, sleep until `submit`/`cancel` wakes it."""
+    with torch.inference_mode():
+        while not stop.is_set():
+            try:
+                more = scheduler.step()
+            except Exception as e:  # a bug in the loop itself: fail what runs, keep serving
+                log.exception("engine step failed")
+                scheduler.fail_all(GenerationError(f"engine step failed: {type(e).__name__}: {e}"))
+                more = False
+            if not more:
+                scheduler.wake.wait()
+                scheduler.wake.clear()

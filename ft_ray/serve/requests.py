@@ -1,7 +1,8 @@
 """Generation requests: their typed form and the validation that turns bad input into a 4xx.
 
 Every refusal is a `RequestError` naming the offending field (`"temperature"`, `"plan.codes[3]"`),
-so the HTTP layer can answer 400/413 with a message instead of failing inside the model.
+so the HTTP layer can answer 400/413 with a message instead of failing inside the model (and
+503 with `retry_after` when the engine's queue is full, see serve/scheduler.py).
 Checks come in two layers:
 - `GenerationRequest.__post_init__`: types and ranges that need no model (a request built in
   Python is checked exactly like one parsed from JSON);
@@ -25,11 +26,12 @@ MAX_PROMPT_CHARS_PER_TOKEN = 16  # refuse (413) prompts far too long to tokenise
 
 
 class RequestError(ValueError):
-    """A refused request: `field` names the offending input, `status` is the HTTP status to answer."""
+    """A refused request: `field` names the offending input, `status` is the HTTP status to answer;
+    `retry_after` (seconds) is set when the request was fine but the engine is full (503)."""
 
-    def __init__(self, field: str, message: str, status: int = 400):
+    def __init__(self, field: str, message: str, status: int = 400, retry_after: float | None = None):
         super().__init__(f"{field}: {message}")
-        self.field, self.message, self.status = field, message, status
+        self.field, self.message, self.status, self.retry_after = field, message, status, retry_after
 
     def to_dict(self) -> dict:
         """An OpenAI-style error body."""
@@ -44,9 +46,10 @@ class EngineInfo:
     name: str
     arch: str  # "baseline" or "free_transformer"
     vocab_size: int
-    max_seq_len: int  # prompt (with BOS) + generated tokens must fit
+    max_seq_len: int  # prompt (with BOS) + generated tokens must fit: the model's context, or less (slots)
     latent_bits: int | None  # H for a Free Transformer, None for a baseline
     params: int
+    max_n: int = MAX_N  # samples per request this engine can hold at once (its cache slots)
 
 
 @dataclass
@@ -141,6 +144,9 @@ def check_request(req: GenerationRequest, info: EngineInfo, num_prompt_tokens: i
         raise RequestError("max_tokens", f"{req.max_tokens} new tokens after a {num_prompt_tokens}-token "
                                          f"prompt exceed the context of {context} tokens (at most "
                                          f"{context - num_prompt_tokens})")
+    if req.n > info.max_n:
+        raise RequestError("n", f"{req.n} samples exceed the {info.max_n} that model {info.name!r} decodes "
+                                f"at once (its max_num_seqs); send several requests")
     plan = req.plan
     if plan is None:
         return
