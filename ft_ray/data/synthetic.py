@@ -1,13 +1,16 @@
 """Synthetic tasks that probe latent plans, each a deterministic function of (num, seed).
 
 - `letters`: the paper's task (letters.py): a letter run at a uniform start in noisy `_`.
+- `arith`: multi-step arithmetic in words (arith.py), held-out problems split off by a hash; the
+  evaluation suite (ft_ray/eval/tasks) scores those.
 - `modes`: a global choice made early that shows late. A hidden mode m in {0..3} is drawn before
   the first body token, but the body's first 48 characters (noisy `_`) say nothing about it; only
   the last 16 characters spell the mode's pattern. A decoder without a plan must hedge over the
   four patterns until the first pattern characters appear; a Free Transformer can put m in Z.
 
-Both write `<bos>` + a 2-character prompt + a 64-character body + `<eos>` = 68 tokens with
-letters.py's vocabulary, so one character tokenizer serves every task.
+`letters` and `modes` write `<bos>` + a 2-character prompt + a 64-character body + `<eos>` = 68
+tokens; `arith` packs its documents into 68-token rows. All use letters.py's vocabulary, so one
+character tokenizer serves every task.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ft_ray.data import letters
+from ft_ray.data import arith, letters
 from ft_ray.data.errors import DataError
 
 MODE_PATTERNS = ("ab" * 8, "aabb" * 4, "abcd" * 4, "aaaabbbb" * 2)  # mode m writes pattern m
@@ -65,6 +68,7 @@ class Task:
 TASKS: dict[str, Task] = {
     "letters": Task(letters.letter_sequences, letters.SEQ_TOKENS, letters.PROMPT_TOKENS),
     "modes": Task(mode_sequences, letters.SEQ_TOKENS, letters.PROMPT_TOKENS),
+    "arith": Task(arith.arith_sequences, arith.SEQ_TOKENS, arith.PROMPT_TOKENS),
 }
 
 
