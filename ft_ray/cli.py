@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve model bundles over HTTP with Ray Serve", description=serve_cli.__doc__)
     serve_cli.add_arguments(srv)
     srv.set_defaults(func=serve_cli.run)
+    from ft_ray.export import cli as export_cli
+
+    exp = sub.add_parser("export", help="export a bundle (hf: a Hugging Face transformers model)")
+    export_cli.add_arguments(exp)
+    exp.set_defaults(func=export_cli.run)
     return parser
 
 
