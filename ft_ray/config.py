@@ -44,6 +44,16 @@ def is_single_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and not {"/", "\\", "\0"} & set(name)
 
 
+_TRACKING_URI = re.compile(r"https?://[^/\s:]+(:\d{1,5})?(/\S*)?|sqlite:///.+")
+
+
+def check_tracking(value: str, key: str = "tracking") -> None:
+    """`train.tracking` (and a sweep's `tracking`): none, mlflow, or a tracking URI."""
+    _check(value in ("none", "mlflow") or bool(_TRACKING_URI.fullmatch(value)), key,
+           f"expected none, mlflow (the embedded store), an MLflow server's http(s)://host:port or a "
+           f"sqlite:///path database, got {value!r}")
+
+
 # YAML 1.1 (PyYAML) reads 1e-3 as a string: it wants a dot (1.0e-3). Numbers written either way
 # are accepted for float keys.
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -121,7 +131,7 @@ class ModelConfig:
         return self.free_bits * math.log(2)
 
 
-SYNTHETIC_TASKS = ("letters", "modes")
+SYNTHETIC_TASKS = ("letters", "modes", "arith")  # ft_ray/data/synthetic.py TASKS
 
 
 @dataclass
@@ -198,6 +208,13 @@ class TrainConfig:
     max_failures: int = 0  # worker-group restarts from the last checkpoint
     worker_niceness: int | None = 0  # CPU priority of the training workers (0-19); None: Ray's default, 15
     export_bundle: bool = True  # write the serving bundle into the run directory at the end
+    # experiment tracking from rank 0, in the background (ft_ray/train/tracking.py; the CSV files
+    # stay the record): "none"; "mlflow", an embedded store beside the run directories
+    # (storage_path/mlflow.db, artifacts in storage_path/mlartifacts, nothing to start); or a
+    # tracking server's URI (http://host:port) or another database (sqlite:////abs/path.db)
+    tracking: str = "mlflow"
+    tracking_experiment: str = "ft-ray"  # the MLflow experiment (a sweep's trials: the sweep's name)
+    tracking_log_weights: bool = False  # also upload the bundle's weights at the end
 
     def __post_init__(self) -> None:
         _check(is_single_name(self.name), "name",
@@ -218,6 +235,8 @@ class TrainConfig:
         _check(self.worker_niceness is None or 0 <= self.worker_niceness <= 19, "worker_niceness",
                f"must be a niceness from 0 to 19 (or null for Ray's default), got {self.worker_niceness}")
         _check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
+        check_tracking(self.tracking)
+        _check(bool(self.tracking_experiment.strip()), "tracking_experiment", "must be a name")
 
 
 @dataclass

@@ -5,7 +5,8 @@ config and calls `run_training(cfg, RayRuntime())`. Per step: `grad_accum_steps`
 clipping on the (sharded) gradients, AdamW, LR schedule. Every `log_every` steps rank 0 logs and
 every rank reports (Ray's report is a barrier, so all ranks call it equally often); every
 `eval_every` steps an honest validation pass; every `checkpoint_every` steps (and at the end) a
-DCP checkpoint; at the end the serving bundle.
+DCP checkpoint; at the end the serving bundle. Rank 0's metrics also go to the run's experiment
+tracker (`train.tracking`, see tracking.py), which never makes the loop wait.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ft_ray.train.metrics import MetricsWriter, peak_flops, peak_memory_mib
 from ft_ray.train.optim import build_optimizer, build_scheduler
 from ft_ray.train.parallel import autocast_context, parallelize, resolve_precision
 from ft_ray.train.runtime import scratch_dir
+from ft_ray.train.tracking import make_tracker, run_artifacts
 
 
 @dataclass
@@ -144,7 +146,9 @@ def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str 
     if pos.step >= tc.max_steps:  # a finished run started again: report its result, train nothing
         return _finished(model, cfg, runtime, run_dir, tokenizer_path, precision, pos.step)
     _retarget_schedule(scheduler, pos.step, tc.max_steps, rank)
-    log = MetricsWriter(run_dir, enabled=rank == 0, resume_step=pos.step)
+    tracker = make_tracker(tc.tracking, rank)  # a no-op on ranks > 0 and for `none`
+    tracker.start(cfg, run_dir)  # returns at once: the store is opened in the background
+    log = MetricsWriter(run_dir, enabled=rank == 0, resume_step=pos.step, tracker=tracker)
     if rank == 0:
         (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
         print(f"[ft-ray] {cfg.model.arch}: {model.num_params() if world == 1 else 'sharded'} params, "
@@ -219,8 +223,11 @@ def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str 
     final = {"step": pos.step, **metrics, **{f"val_{k}": v for k, v in last_eval.items()}}
     if tc.export_bundle:
         _export(model, cfg, run_dir, tokenizer_path, precision, final, rank)
+    tracker.log_artifacts(run_artifacts(run_dir, tc.tracking_log_weights))
     log.close()
-    return final
+    training_s = tracker.blocking_s  # what tracking cost the loop, for the bench
+    tracker.close()  # waits (bounded) for the last metrics and artifacts
+    return {**final, "tracking_blocking_s": training_s, "tracking_close_s": tracker.close_s}
 
 
 def _retarget_schedule(scheduler, step: int, max_steps: int, rank: int) -> None:

@@ -1,4 +1,5 @@
-"""Run-directory metrics: CSV files and TensorBoard event files (rank 0 only)."""
+"""Run-directory metrics: CSV files and TensorBoard event files (rank 0 only), and the same rows to
+the run's experiment tracker."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 from pathlib import Path
 
 import torch
+
+from ft_ray.train.tracking import Tracker
 
 # dense bf16 peak FLOP/s per device, for MFU; CPUs are left out (MFU is omitted there)
 PEAK_FLOPS = {
@@ -46,13 +49,20 @@ def _drop_rows_after(path: Path, step: int) -> None:
         tmp.replace(path)
 
 
-class MetricsWriter:
-    """One CSV per kind of row (train.csv, eval.csv) plus TensorBoard scalars under tb/."""
+# a row's metric names in the tracker: the names the run reports to Ray and Tune (val_nll, ...)
+TRACKED_PREFIX = {"train": "", "eval": "val_"}
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int = 0):
+
+class MetricsWriter:
+    """One CSV per kind of row (train.csv, eval.csv) plus TensorBoard scalars under tb/, and
+    each row to `tracker` (which the caller starts and closes)."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int = 0,
+                 tracker: Tracker | None = None):
         """`resume_step`: the step of the checkpoint the run continues from. Rows logged after it
         (by a run killed before its next checkpoint) are dropped: those steps run, and log, again."""
         self.dir, self.enabled = Path(run_dir), enabled
+        self.tracker = tracker or Tracker()
         self._tb = None
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +97,8 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"{kind}/{k}", v, step)
             self._tb.flush()
+        prefix = TRACKED_PREFIX.get(kind, f"{kind}_")
+        self.tracker.log_metrics(step, {f"{prefix}{k}": v for k, v in row.items() if k != "step"})
 
     def close(self) -> None:
         if self._tb is not None:

@@ -26,7 +26,8 @@ SAFE_TO_CHANGE = tuple(f"train.{k}" for k in (
     "name", "storage_path", "max_steps", "log_every", "eval_every", "eval_batches", "iwae_samples",
     "sample_groups", "checkpoint_every", "num_to_keep", "max_failures", "num_workers", "use_gpu",
     "cpus_per_worker", "precision", "activation_checkpointing", "compile", "worker_niceness",
-    "export_bundle")) + ("data.path",)  # where the shards are may change; what they hold may not
+    "export_bundle", "tracking", "tracking_experiment", "tracking_log_weights",
+)) + ("data.path",)  # where the shards are may change; what they hold may not
 RUN_FILE = "run.json"  # the identity of a run: resolved config and data fingerprint
 
 
@@ -132,8 +133,9 @@ def check_same_run(run: ResolvedRun) -> None:
     if stored is None:
         return
     old, new = _flatten(stored["config"]), _flatten(run.identity["config"])
-    changed = [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
-               if k not in SAFE_TO_CHANGE and old.get(k) != new.get(k)]
+    # a key the stored config lacks was added to ft-ray after the run started: nothing to compare
+    changed = [(k, old[k], new.get(k)) for k in sorted(old)
+               if k not in SAFE_TO_CHANGE and old[k] != new.get(k)]
     old_data = stored.get("data") or {}  # absent in runs written before run.json existed
     changed += [(f"data ({k})", old_data[k], v) for k, v in run.identity["data"].items()
                 if k in old_data and old_data[k] != v]

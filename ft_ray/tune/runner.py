@@ -5,8 +5,9 @@ and forwards its reports with `TuneReportCallback`; ASHA stops bad trials on eva
     ray job submit --working-dir . -- python -m jobs.sweep --space tune_spaces/latent_free_bits.yaml
 
 Outputs in storage_path/name: space.json (the resolved space; a re-run must match it),
-trials/<trial>/ (each a training run), results.csv, results.md, nll_kl_vs_kappa.png, heatmap.png,
-best_bundle/ (only when every trial finished).
+trials/<trial>/ (each a training run, and one MLflow run in the experiment named after the sweep;
+with `tracking: mlflow` the store is mlflow.db and mlartifacts/ here), results.csv, results.md,
+nll_kl_vs_kappa.png, heatmap.png, best_bundle/ (only when every trial finished).
 
 Exit status: 0 when every trial finished (or was stopped early by ASHA); 1 when a trial errored;
 130 when the sweep was interrupted (Ctrl-C) with trials unfinished or not started; 2 for a bad
@@ -24,12 +25,14 @@ from pathlib import Path
 
 from ft_ray.config import ConfigError
 from ft_ray.launch import command_main, ensure_ray, one_line_errors
+from ft_ray.train.tracking import prepare_experiment
 from ft_ray.tune.space import (
     SweepSpec,
     _overrides,
     check_space_record,
     load_space,
     own_trial_settings,
+    trial_tracking,
     write_space_record,
 )
 
@@ -59,7 +62,7 @@ def _sampled_space(spec: SweepSpec) -> dict:
 def make_trial(spec: SweepSpec, sweep_dir: Path):
     """The Tune function: one training run named after the trial, reporting to Tune."""
     base_config, base_overrides = str(spec.base_config), list(spec.base_overrides)
-    resources = spec.resources
+    resources, tracking = spec.resources, spec.tracking
 
     def trial(params: dict) -> None:
         from ray import tune
@@ -70,7 +73,8 @@ def make_trial(spec: SweepSpec, sweep_dir: Path):
 
         arm = {**params["arm"], **{k: v for k, v in params.items() if k != "arm"}}
         cfg = load_config(base_config, [*base_overrides, *_overrides(arm)])
-        own_trial_settings(cfg, resources, f"trial-{tune.get_context().get_trial_id()}", sweep_dir / "trials")
+        own_trial_settings(cfg, resources, f"trial-{tune.get_context().get_trial_id()}", sweep_dir / "trials",
+                           tracking)
         fit(cfg, callbacks=[TuneReportCallback()])
 
     return trial
@@ -141,6 +145,9 @@ def run_sweep(space_path: str | Path) -> Path:
             print(f"[ft-ray] {sweep_dir} has no stored space (started by an older ft-ray): its space cannot "
                   "be checked; storing this one", flush=True)
         write_space_record(spec, sweep_dir)
+    # one experiment per sweep, created here once (an embedded store: its tables too) rather
+    # than raced for by the first trials
+    prepare_experiment(None if spec.tracking == "none" else trial_tracking(spec.tracking, sweep_dir), spec.name)
     tuner.fit()
     exit_code, reason = write_results(spec, sweep_dir, saved_trials(sweep_dir / "tuner"))
     if exit_code:

@@ -14,12 +14,16 @@
     num_samples: 1
     resources: {workers_per_trial: 1, cpus_per_worker: 0.5, gpus_per_worker: 0}
     max_concurrent_trials: null       # null: as many as the cluster's CPUs allow
+    tracking: mlflow                  # none, mlflow (the sweep's own store) or http://host:port
 
 Every key, every grid value and every sampling bound is checked against the config tree before
 anything starts; errors name the file and the key. `uniform`/`loguniform` sample floats, so they
 are refused over an int key (use `randint`); `randint` over a float key is allowed (it samples
 whole numbers, which a float field accepts). Keys the sweep sets for every trial (`TRIAL_OWNED`)
 cannot be swept.
+
+Every trial is one MLflow run in one experiment named after the sweep (`tracking`: `mlflow` puts
+the store in the sweep's directory, mlflow.db; a server URI is shared by every trial).
 
 A sweep stores its resolved space (`space.json`, see `resolved_space`) in its directory when it
 starts; a re-run with the same name must resolve to the same space, or it is refused.
@@ -39,8 +43,9 @@ from typing import Any
 
 import yaml
 
-from ft_ray.config import Config, ConfigError, is_single_name, load_config
+from ft_ray.config import Config, ConfigError, check_tracking, is_single_name, load_config
 from ft_ray.launch import resolve_preset
+from ft_ray.train.tracking import embedded_store_uri
 
 # what the training loop reports (see train/loop.py); FT-only ones are absent for the baseline
 COMMON_METRICS = {"loss", "ce", "lr", "grad_norm", "tokens_per_s", "step_ms", "data_wait_frac",
@@ -50,7 +55,7 @@ FT_METRICS = {"kl", "kl_bits", "kl_penalty", "val_ce_post", "val_ce_random_z", "
               "val_pos_agree_shared"}
 DISTRIBUTIONS = {"grid", "choice", "uniform", "loguniform", "randint"}
 TOP_KEYS = {"name", "storage_path", "base", "space", "reference_arms", "metric", "mode", "scheduler",
-            "num_samples", "resources", "max_concurrent_trials"}
+            "num_samples", "resources", "max_concurrent_trials", "tracking"}
 ASHA_DEFAULTS = {"type": "asha", "max_t": 100, "grace_period": 1, "reduction_factor": 2}
 SPACE_RECORD = "space.json"  # in the sweep directory: the resolved space the sweep started with
 
@@ -64,6 +69,8 @@ TRIAL_OWNED = {
     "train.use_gpu": "resources.gpus_per_worker",
     "train.log_every": "train.eval_every (every report to Tune is an evaluation)",
     "train.checkpoint_every": "train.eval_every (every report to Tune is an evaluation)",
+    "train.tracking": "the sweep's `tracking` (one store for every trial)",
+    "train.tracking_experiment": "the sweep's name (one MLflow experiment per sweep)",
 }
 
 
@@ -89,6 +96,7 @@ class SweepSpec:
     num_samples: int = 1
     resources: Resources = field(default_factory=Resources)
     max_concurrent_trials: int | None = None
+    tracking: str = "mlflow"  # as train.tracking; `mlflow`: the store in the sweep's directory
 
     @property
     def sweep_dir(self) -> Path:
@@ -104,9 +112,17 @@ class SweepSpec:
         return {k: v for k, v in self.space.items() if "grid" not in v}
 
 
-def own_trial_settings(cfg: Config, resources: Resources, trial_name: str, trials_dir: Path) -> None:
-    """What the sweep decides for every trial (the keys of TRIAL_OWNED, which a space may not set)."""
+def trial_tracking(tracking: str, sweep_dir: Path) -> str:
+    """A sweep's `tracking` as its trials' train.tracking: `mlflow` is the sweep's own store."""
+    return embedded_store_uri(sweep_dir) if tracking == "mlflow" else tracking
+
+
+def own_trial_settings(cfg: Config, resources: Resources, trial_name: str, trials_dir: Path,
+                       tracking: str = "mlflow") -> None:
+    """What the sweep decides for every trial (the keys of TRIAL_OWNED, which a space may not set).
+    `trials_dir` is the sweep directory's trials/: its MLflow experiment is the sweep's name."""
     tc = cfg.train
+    tc.tracking, tc.tracking_experiment = trial_tracking(tracking, trials_dir.parent), trials_dir.parent.name
     # every report is an evaluation: ASHA's iterations are evaluations
     tc.log_every = tc.checkpoint_every = tc.eval_every
     tc.name, tc.storage_path = trial_name, str(trials_dir)
@@ -244,6 +260,14 @@ def _parse_max_concurrent(path: Path, value: Any) -> int | None:
     return None if value is None else _int_at_least(path, "max_concurrent_trials", value, 1)
 
 
+def _parse_tracking(path: Path, value: Any) -> str:
+    try:
+        check_tracking(value if isinstance(value, str) else repr(value))
+    except ConfigError as e:
+        raise _err(path, "tracking", e.detail) from None
+    return value
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise _err(path, "<file>", "sweep space file not found")
@@ -295,7 +319,8 @@ def load_space(path: str | Path) -> SweepSpec:
         scheduler=_parse_scheduler(path, raw.get("scheduler")),
         num_samples=_int_at_least(path, "num_samples", raw.get("num_samples", 1), 1),
         resources=_parse_resources(path, raw.get("resources") or {}),
-        max_concurrent_trials=_parse_max_concurrent(path, raw.get("max_concurrent_trials")))
+        max_concurrent_trials=_parse_max_concurrent(path, raw.get("max_concurrent_trials")),
+        tracking=_parse_tracking(path, raw.get("tracking", "mlflow")))
     if not is_single_name(spec.name):
         raise _err(path, "name", f"must be one path component (no '/', '\\', '.' or '..'), got {spec.name!r}")
     if spec.mode not in ("min", "max"):
@@ -314,7 +339,8 @@ def resolved_space(spec: SweepSpec) -> dict:
     """Everything that decides what the trials are and how they are judged, as plain JSON data. The
     base config enters by content (its sha256), not by path: a job's working_dir moves between
     submissions. Left out: what only changes where and how fast trials run (cpus_per_worker,
-    max_concurrent_trials), so a resumed sweep may use a different cluster."""
+    max_concurrent_trials) and where they are tracked, so a resumed sweep may use a different
+    cluster or tracking server."""
     return json.loads(json.dumps({
         "base": {"file": spec.base_config.name, "sha256": hashlib.sha256(spec.base_config.read_bytes()).hexdigest(),
                  "overrides": spec.base_overrides},
