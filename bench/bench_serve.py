@@ -1,10 +1,12 @@
-"""Serving benchmarks on a real local Ray Serve instance (loopback): dynamic batching vs
-max_batch_size=1 at 16 concurrent clients, latency percentiles, HTTP overhead vs in-process.
+"""Serving benchmarks on a real local Ray Serve instance (loopback): continuous batching vs
+max_num_seqs=1 on a mixed workload, a short request's latency under load, streams vs unstreamed,
+TTFT/TPOT percentiles, HTTP overhead vs in-process.
 First, in-process and without Ray, the engine's continuous batching: 16 concurrent requests vs one
 at a time, and a short request's latency when it arrives while long ones decode
 (`python -m bench.bench_serve --engine` runs only these).
 
-Targets (issue 6): batched / unbatched throughput >= 3x; Serve HTTP overhead p50 <= 10 ms.
+Targets: continuous / max_num_seqs=1 tokens/s >= 4x; short request under load / idle <= 5;
+streams / unstreamed >= 0.9; Serve HTTP overhead p50 <= 10 ms.
 
 The HTTP overhead is measured once per ingress, each on a fresh cluster in its own process
 (Serve reads these settings when its processes start; `ft-ray serve --ingress` picks them too):
@@ -34,7 +36,7 @@ from bench.common import Row
 from ft_ray.launch import free_port
 from ft_ray.serve.cli import INGRESS_ENV, haproxy_binary
 
-CLIENTS, PER_CLIENT, MAX_TOKENS = 16, 4, 64
+CLIENTS, MAX_TOKENS = 16, 64
 
 
 def _bundle(root: Path) -> Path:
@@ -45,35 +47,10 @@ def _bundle(root: Path) -> Path:
 
     tok = root / "tokenizer.json"
     byte_tokenizer().save(str(tok))
-    cfg = ModelConfig(vocab_size=259, hidden_dim=128, num_layers=4, num_heads=4, max_seq_len=256, latent_bits=8)
+    cfg = ModelConfig(vocab_size=259, hidden_dim=128, num_layers=4, num_heads=4, max_seq_len=320, latent_bits=8)
     torch.manual_seed(0)
     write_bundle(root / "models" / "ft", FreeTransformer(cfg).state_dict(), cfg, {}, tok)
     return root / "models"
-
-
-def _load(url: str, per_client: int = PER_CLIENT) -> tuple[float, list[float], int]:
-    """16 concurrent clients x 4 requests each (one asyncio loop, so the load generator itself
-    takes little of the 2 cores); returns (wall seconds, latencies, generated tokens)."""
-    import asyncio
-
-    async def client(http: httpx.AsyncClient, c: int):
-        out = []
-        for i in range(per_client):
-            body = {"model": "ft", "prompt": f"client {c} request {i}", "max_tokens": MAX_TOKENS,
-                    "temperature": 0.8, "seed": c * 100 + i, "plan": {"seed": i}}
-            t0 = time.perf_counter()
-            r = await http.post(url, json=body)
-            r.raise_for_status()
-            out.append((time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]))
-        return out
-
-    async def main():
-        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=CLIENTS)) as http:
-            return await asyncio.gather(*(client(http, c) for c in range(CLIENTS)))
-
-    t0 = time.perf_counter()
-    results = [x for chunk in asyncio.run(main()) for x in chunk]
-    return time.perf_counter() - t0, [lat for lat, _ in results], sum(n for _, n in results)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -140,32 +117,120 @@ def engine_rows(models: Path, quick: bool) -> list[Row]:
                 f"decoded {left} more steps")]
 
 
+MIXED_TOKENS = (8, 16, 32, 64, 128, 256)  # max_tokens of the mixed workload, cycled per request
+
+
+async def _request(http, url: str, body: dict, stream: bool) -> tuple[float, float | None, int]:
+    """One completion: (latency s, time to first token s (streams only), generated tokens)."""
+    t0 = time.perf_counter()
+    if not stream:
+        r = await http.post(url, json=body)
+        r.raise_for_status()
+        return time.perf_counter() - t0, None, r.json()["usage"]["completion_tokens"]
+    first, tokens = None, 0
+    async with http.stream("POST", url, json={**body, "stream": True,
+                                              "stream_options": {"include_usage": True}}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event["choices"] and first is None:
+                first = time.perf_counter() - t0
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return time.perf_counter() - t0, first, tokens
+
+
+def _run_clients(url: str, bodies: list[tuple[dict, bool]], clients: int = CLIENTS):
+    """`bodies` sent by `clients` concurrent clients (one asyncio loop); returns (wall s, results)."""
+    import asyncio
+
+    async def main():
+        queue = list(enumerate(bodies))
+        out: list = [None] * len(bodies)
+
+        async def client(http):
+            while queue:
+                i, (body, stream) = queue.pop(0)
+                out[i] = await _request(http, url, body, stream)
+
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as http:
+            await asyncio.gather(*(client(http) for _ in range(clients)))
+        return out
+
+    t0 = time.perf_counter()
+    results = asyncio.run(main())
+    return time.perf_counter() - t0, results
+
+
+def _body(i: int, max_tokens: int) -> dict:
+    return {"model": "ft", "prompt": f"request {i}", "max_tokens": max_tokens, "temperature": 0.8, "seed": i,
+            "plan": {"seed": i}}
+
+
 def batching_rows(models: Path, quick: bool) -> list[Row]:
+    """Continuous batching vs the same server with max_num_seqs=1 on a mixed workload (16 clients,
+    max_tokens 8-256, half streaming); a short request's latency while 15 long ones decode vs on
+    an idle server; 16 streams vs the same 16 requests unstreamed; TTFT and TPOT percentiles."""
     from ray import serve
 
-    from serve_apps.app import FTServer
+    from ft_ray.serve.app import FTServer
 
+    per_client = 1 if quick else 2
+    mixed = [(_body(i, MIXED_TOKENS[i % len(MIXED_TOKENS)]), i % 2 == 1) for i in range(CLIENTS * per_client)]
     port = free_port()
     _start(port)
     try:
         measured = {}
-        for label, batch in (("batched", 16), ("unbatched", 1)):
-            dep = FTServer.options(max_ongoing_requests=32, max_queued_requests=64)
-            serve.run(dep.bind(str(models), max_batch_size=batch, batch_wait_timeout_s=0.02), name=label,
+        for label, seqs in (("continuous", CLIENTS), ("one", 1)):
+            serve.run(FTServer.bind(str(models), max_num_seqs=seqs, max_waiting=256), name=label,
                       route_prefix=f"/{label}")
             url = f"http://127.0.0.1:{port}/{label}/v1/completions"
-            _load(url, per_client=1 if quick else PER_CLIENT)  # warm-up
-            measured[label] = _load(url)
+            _run_clients(url, [(_body(0, 8), False)], clients=1)  # warm-up
+            measured[label] = _run_clients(url, mixed)
+            if label == "continuous":
+                extra = _latency_and_stream_rows(url)
             serve.delete(label)
     finally:
         _stop()
-    (tb, lb, nb), (tu, lu, nu) = measured["batched"], measured["unbatched"]
-    return [Row("Serve req/s, dynamic batching / max_batch_size=1 (16 clients)", (len(lb) / tb) / (len(lu) / tu),
-                "x", ">= 3", f"{len(lb) / tb:.1f} vs {len(lu) / tu:.1f} req/s"),
-            Row("Serve tokens/s with batching (one replica, decode)", nb / tb, "tok/s", "",
-                f"unbatched {nu / tu:.0f} tok/s"),
-            Row("latency p50 / p99 with batching", _pct(lb, 0.5) * 1e3, "ms", "", f"p99 {_pct(lb, 0.99) * 1e3:.0f} ms"),
-            Row("latency p50 / p99 unbatched", _pct(lu, 0.5) * 1e3, "ms", "", f"p99 {_pct(lu, 0.99) * 1e3:.0f} ms")]
+    (tc, rc), (to, ro) = measured["continuous"], measured["one"]
+    tok_c, tok_o = sum(n for *_, n in rc) / tc, sum(n for *_, n in ro) / to
+    streams = [r for r, (_, stream) in zip(rc, mixed) if stream]
+    ttft = [first for _, first, _ in streams if first is not None]
+    tpot = [(lat - first) / max(1, n - 1) for lat, first, n in streams if first is not None and n > 1]
+    return [Row("Serve tokens/s, continuous batching / max_num_seqs=1 (16 clients, max_tokens 8-256, half "
+                "streaming)", tok_c / tok_o, "x", ">= 4", f"{tok_c:.0f} vs {tok_o:.0f} tok/s"),
+            *extra,
+            Row("time to first token p50 / p99 (streams of the mixed load)", _pct(ttft, 0.5) * 1e3, "ms", "",
+                f"p99 {_pct(ttft, 0.99) * 1e3:.0f} ms"),
+            Row("time per output token p50 / p99 (streams of the mixed load)", _pct(tpot, 0.5) * 1e3, "ms", "",
+                f"p99 {_pct(tpot, 0.99) * 1e3:.1f} ms; decode {tok_c:.0f} tok/s per replica")]
+
+
+def _latency_and_stream_rows(url: str) -> list[Row]:
+    import asyncio
+
+    short = _body(10_000, 8)
+    idle = statistics.median(_run_clients(url, [(short, False)] * 3, clients=1)[1][i][0] for i in range(3))
+
+    async def loaded():
+        async with httpx.AsyncClient(timeout=600) as http:
+            longs = [asyncio.create_task(_request(http, url, _body(20_000 + i, 256), False)) for i in range(CLIENTS - 1)]
+            await asyncio.sleep(1.0)  # the long ones are decoding
+            lat, _, _ = await _request(http, url, short, False)
+            await asyncio.gather(*longs)
+            return lat
+
+    busy = asyncio.run(loaded())
+    same = [_body(30_000 + i, 64) for i in range(CLIENTS)]
+    ts, rs = _run_clients(url, [(b, True) for b in same])
+    tu, ru = _run_clients(url, [(b, False) for b in same])
+    stream_tps, plain_tps = sum(n for *_, n in rs) / ts, sum(n for *_, n in ru) / tu
+    return [Row(f"an 8-token request while {CLIENTS - 1} long ones decode / on an idle server", busy / idle, "x",
+                "<= 5", f"{busy * 1e3:.0f} vs {idle * 1e3:.0f} ms"),
+            Row("16 concurrent streams / the same 16 requests unstreamed, tokens/s", stream_tps / plain_tps, "x",
+                ">= 0.9", f"{stream_tps:.0f} vs {plain_tps:.0f} tok/s")]
 
 
 def measure_overhead(models: Path, repeats: int) -> dict:
@@ -175,12 +240,12 @@ def measure_overhead(models: Path, repeats: int) -> dict:
     from ray import serve
 
     from ft_ray.serve import Engine
-    from serve_apps.app import FTServer
+    from ft_ray.serve.app import FTServer
 
     port = free_port()
     _start(port)
     try:
-        serve.run(FTServer.bind(str(models), max_batch_size=1), name="one", route_prefix="/one")
+        serve.run(FTServer.bind(str(models), max_num_seqs=1), name="one", route_prefix="/one")
         engine = Engine.from_bundle(models / "ft", name="ft")
         torch.set_num_threads(1)  # as in the 1-CPU replica
         http_lat, local_lat, models_lat = [], [], []

@@ -52,7 +52,7 @@ def copy_bundles(bundles: dict[str, Path], models_dir: Path) -> Path:
 
 
 def served_group(url: str, model: str, letter: str, plan: dict | None, seed: int) -> list[dict]:
-    from ft_ray.serve.cli import post_json
+    from ft_ray.serve.client import post_json
 
     body = {"model": model, "prompt": f"{letter}>", "max_tokens": 65, "n": GROUP_SIZE, "seed": seed}
     if plan is not None:
@@ -80,7 +80,7 @@ def serve_step(bundles: dict[str, Path], out: Path, port: int) -> list[str]:
 
 
 def sample_served(url: str, out: Path) -> list[str]:
-    from ft_ray.serve.cli import get_json, post_json
+    from ft_ray.serve.client import get_json, post_json
     from ft_ray.train.evaluate import score_group
 
     served = [m["id"] for m in get_json(f"{url}/v1/models")["data"]]

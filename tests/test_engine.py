@@ -343,7 +343,8 @@ BAD = [  # (body, field)
     ([1, 2], "body"),
     ({"max_tokens": 8}, "prompt"),
     ({"prompt": 5}, "prompt"),
-    ({"prompt": ["K>"]}, "prompt"),
+    ({"prompt": ["K>"]}, "prompt[0]"),  # a list is token ids (the HTTP layer splits lists of strings)
+    ({"prompt": [3, 9999]}, "prompt[1]"),  # outside the vocabulary
     ({"prompt": "K>" * 40}, "prompt"),  # 81 tokens > 64
     ({"prompt": "Ké>"}, "prompt"),  # a character the letter tokenizer lacks
     ({**OK, "max_tokens": 0}, "max_tokens"),

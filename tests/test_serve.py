@@ -74,7 +74,11 @@ def test_openai_client_with_and_without_streaming(server, engines):
     chunks = list(client.completions.create(model="ft", prompt="The plan", max_tokens=12, seed=5, temperature=0.8,
                                             stream=True, extra_body={"plan": {"seed": 9}}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
-    assert chunks[-1].usage.completion_tokens == 12
+    assert all(c.usage is None for c in chunks)  # OpenAI sends usage only when asked
+    chunks = list(client.completions.create(model="ft", prompt="The plan", max_tokens=12, seed=5, temperature=0.8,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"plan": {"seed": 9}}))
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
 
 
 def _url(server, path: str) -> str:
@@ -162,13 +166,15 @@ def test_overload_gets_503_fast(server, models_dir):
 
     from serve_apps.app import FTServer
 
-    small = FTServer.options(name="Small", max_ongoing_requests=1, max_queued_requests=1).bind(str(models_dir))
+    small = FTServer.options(name="Small").bind(str(models_dir), max_num_seqs=1, max_waiting=1)
     serve.run(small, name="small", route_prefix="/small")
     body = {"model": "ft", "prompt": "a", "max_tokens": 90, "temperature": 0}
 
     def call(_):
         t0 = time.perf_counter()
         r = httpx.post(_url(server, "small/v1/completions"), json=body, timeout=120)
+        if r.status_code == 503:  # the engine's queue is full: OpenAI's JSON error and a retry hint
+            assert r.json()["error"]["code"] == 503 and int(r.headers["retry-after"]) >= 1
         return r.status_code, time.perf_counter() - t0
 
     try:
@@ -292,3 +298,174 @@ def test_serve_command_refuses_an_ingress_it_cannot_set_up(models_dir, tmp_path,
     assert main(["serve", "--models", str(models_dir), "--ingress", "haproxy"]) == 2
     err = capsys.readouterr().err
     assert "RAY_SERVE_ENABLE_HA_PROXY=1" in err and "ray start" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# serving v2: isolation, malformed input, OpenAI fidelity, operations (each with valid requests
+# in flight at the same time)
+# ----------------------------------------------------------------------------------------------
+
+
+def _in_flight(server, count: int = 6):
+    """Valid requests (half streamed) running in the background; `.result()` checks they all
+    succeeded."""
+    pool = cf.ThreadPoolExecutor(count)
+
+    def call(i):
+        body = {"model": "ft", "prompt": f"valid {i}", "max_tokens": 40, "temperature": 0.9, "seed": i}
+        if i % 2:
+            with httpx.stream("POST", _url(server, "v1/completions"), json={**body, "stream": True}, timeout=120) as r:
+                lines = [line for line in r.iter_lines() if line]
+            return r.status_code, lines[-1] == "data: [DONE]" and not any('"error"' in x for x in lines)
+        r = httpx.post(_url(server, "v1/completions"), json=body, timeout=120)
+        return r.status_code, r.json()["usage"]["completion_tokens"] == 40
+
+    futures = [pool.submit(call, i) for i in range(count)]
+
+    class Running:
+        def result(self):
+            out = [f.result() for f in futures]
+            pool.shutdown()
+            assert out == [(200, True)] * count, out
+
+    return Running()
+
+
+def test_bad_numerics_fail_no_batch_mate(server, engines):
+    running = _in_flight(server)
+    tiny = {"model": "ft", "prompt": "K>", "max_tokens": 20, "top_p": 1e-300, "seed": 1}
+    r = server.post("/v1/completions", json=tiny)
+    assert r.status_code == 200, r.text  # top_p keeps at least the most likely token: greedy
+    greedy = _post(server, {**tiny, "top_p": None, "temperature": 0})
+    assert r.json()["choices"][0]["text"] == greedy["choices"][0]["text"]
+    with httpx.stream("POST", _url(server, "v1/completions"), json={**tiny, "stream": True}, timeout=60) as s:
+        lines = [line for line in s.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and not any('"error"' in x for x in lines)
+    r = server.post("/v1/completions", json={**tiny, "top_p": None, "temperature": 1e-6})
+    assert r.status_code == 200
+    running.result()
+
+
+@pytest.mark.parametrize("content, status, param", [
+    (b'{"model": "ft", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "body"),
+    (b'{"model": "ft", "prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}", 400, "body"),
+    (b'{"model": "ft", "prompt": "a", "plan": {"seed": ' + b"1" * 5000 + b"}}", 400, "body"),
+    (b'{"model": "ft", "prompt": "a", "\\ud800": 1}', 400, "body"),
+    (b'{"model": "ft", "prompt": "\\udfff"}', 400, "prompt"),
+    (b'[1, 2]', 400, "body"),
+])
+def test_malformed_bodies_are_400_naming_the_field(server, content, status, param):
+    running = _in_flight(server, 2)
+    r = server.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["code"] == status
+    running.result()
+
+
+def test_every_error_is_openai_json(server):
+    for r, status in ((server.get("/no/such/route"), 404), (server.get("/v1/completions"), 405),
+                      (server.get("/v1/models/nope"), 404)):
+        assert r.status_code == status
+        err = r.json()["error"]
+        assert err["code"] == status and err["message"] and set(err) == {"message", "type", "param", "code"}
+
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 65536  # 2.5 MB, no Content-Length: cut at 1 MB while reading
+
+    r = server.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == 413
+
+
+def test_openai_defaults_and_token_id_prompts(server, engines):
+    defaults = {"logprobs": None, "echo": False, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0,
+                "suffix": None, "user": "me"}
+    body = {"model": "ft", "prompt": "ab", "max_tokens": 6, "seed": 2, "temperature": 0.7}
+    plain = _post(server, body)
+    assert _post(server, {**body, **defaults})["choices"][0]["text"] == plain["choices"][0]["text"]
+    for key, value in (("logprobs", 3), ("echo", True), ("best_of", 2), ("presence_penalty", 0.5)):
+        r = server.post("/v1/completions", json={**body, key: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == key
+    r = server.post("/v1/completions", json={**body, "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"  # only with stream
+    ids = engines["ft"].encode("ab")[1:]  # without BOS, which the server adds
+    assert _post(server, {**body, "prompt": ids})["choices"][0]["text"] == plain["choices"][0]["text"]
+    both = _post(server, {**body, "prompt": [ids, ids[:1]]})
+    assert len(both["choices"]) == 2 and both["choices"][0]["text"] == plain["choices"][0]["text"]
+    r = server.post("/v1/completions", json={**body, "prompt": [5, 9999]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[1]"
+    models = server.get("/v1/models").json()["data"]
+    assert all(isinstance(m["created"], int) and m["created"] > 1_600_000_000 for m in models)
+    assert server.get("/v1/models/ft").json() == next(m for m in models if m["id"] == "ft")
+
+
+def test_a_short_request_returns_while_a_long_stream_decodes(server):
+    """Continuous batching over HTTP: a 4-token request sent while a 80-token stream runs is
+    answered before that stream ends (static batching made it wait for the whole batch)."""
+    long = {"model": "ft", "prompt": "long", "max_tokens": 80, "temperature": 0, "stream": True}
+    with httpx.stream("POST", _url(server, "v1/completions"), json=long, timeout=120) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        short = server.post("/v1/completions", json={"model": "ft", "prompt": "s", "max_tokens": 4})
+        assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 4
+        rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    # the long stream had not finished when the short answer came: its final chunk came after
+    assert rest and rest[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(rest[-1]["choices"][0]["plan"]["codes"]) == 80
+
+
+def test_metrics_endpoint_is_prometheus_text(server):
+    _post(server, {"model": "base", "prompt": "m", "max_tokens": 3})
+    text = server.get("/metrics").text
+    assert "ftray_generation_tokens_total" in text and 'ftray_requests_total{route="/v1/completions",status="200"}' in text
+    assert "ftray_num_requests_running" in text and "ftray_time_per_output_token_seconds_bucket" in text
+
+
+def test_api_key_failed_and_linked_bundles(server, models_dir, tmp_path):
+    """A replica with an API key serving a directory where one bundle is truncated and another is
+    a symlink: the broken one is reported by name while the others serve; every route but
+    /healthz needs the bearer token."""
+    import shutil
+
+    from ray import serve
+
+    from serve_apps.app import FTServer
+
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "linked").symlink_to(models_dir / "ft", target_is_directory=True)
+    shutil.copytree(models_dir / "base", root / "broken")
+    weights = root / "broken" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    serve.run(FTServer.options(name="Keyed").bind(str(root), api_key="s3cret"), name="keyed", route_prefix="/keyed")
+    try:
+        health = server.get("/keyed/healthz")
+        assert health.status_code == 200, health.text
+        assert health.json()["status"] == "degraded" and health.json()["models"] == ["linked"]
+        assert "broken" in health.json()["failed"]
+        body = {"model": "linked", "prompt": "hi", "max_tokens": 3}
+        for route in ("/keyed/v1/completions", "/keyed/v1/models", "/keyed/metrics", "/keyed/nope"):
+            r = server.post(route, json=body) if route.endswith("completions") else server.get(route)
+            assert r.status_code == 401 and r.json()["error"]["code"] == 401, route
+        auth = {"authorization": "Bearer s3cret"}
+        r = server.post("/keyed/v1/completions", json=body, headers=auth)
+        assert r.status_code == 200 and r.json()["model"] == "linked"
+        r = server.post("/keyed/v1/completions", json={**body, "model": "broken"}, headers=auth)
+        assert r.status_code == 503 and "broken" in r.json()["error"]["message"]
+    finally:
+        serve.delete("keyed")
+
+
+def test_serve_command_refuses_a_port_in_use(models_dir, capsys, monkeypatch):
+    import socket
+
+    from ft_ray.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--models", str(models_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"ft-ray: error: --port {port}: 127.0.0.1:{port} is already in use"

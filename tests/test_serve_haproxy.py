@@ -77,7 +77,8 @@ def test_completions_behind_haproxy_equal_the_engine(served, models_dir):
     engine = Engine.from_bundle(models_dir / "ft", name="ft")
     (ref,) = engine.generate([engine.validate({**body, "plan": {"seed": 9}}, {"model"})])
     assert done.choices[0].text == ref.choices[0].text and done.choices[0].plan["codes"] == ref.choices[0].codes.new
-    chunks = list(client.completions.create(**body, stream=True, extra_body={"plan": {"seed": 9}}))
+    chunks = list(client.completions.create(**body, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"plan": {"seed": 9}}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
     assert chunks[-1].usage.completion_tokens == 12
 

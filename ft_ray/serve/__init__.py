@@ -1,6 +1,6 @@
-"""Serving: a generation engine over one model bundle, testable without Ray.
-
-The Ray Serve app (serve_apps/) wraps `Engine`; nothing here imports ray.
+"""Serving: a continuously batching generation engine over one model bundle, testable without
+Ray, and the Ray Serve app that wraps it (`ft_ray.serve.app`, the only module here that imports
+ray; import it explicitly).
 """
 
 from ft_ray.serve.engine import (
@@ -12,6 +12,7 @@ from ft_ray.serve.engine import (
     StreamEvent,
     Usage,
 )
+from ft_ray.serve.handle import RequestHandle
 from ft_ray.serve.requests import (
     MAX_N,
     EngineInfo,
@@ -21,6 +22,8 @@ from ft_ray.serve.requests import (
     check_request,
     validate_request,
 )
+from ft_ray.serve.results import GenerationError, RequestCancelled
+from ft_ray.serve.scheduler import SchedulerConfig
 
 __all__ = [
     "MAX_N",
@@ -28,11 +31,15 @@ __all__ = [
     "Engine",
     "EngineInfo",
     "EngineStats",
+    "GenerationError",
     "GenerationRequest",
     "GenerationResult",
     "PlanCodes",
     "PlanSpec",
+    "RequestCancelled",
     "RequestError",
+    "RequestHandle",
+    "SchedulerConfig",
     "StreamEvent",
     "Usage",
     "check_request",

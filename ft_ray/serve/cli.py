@@ -3,28 +3,36 @@
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from ft_ray.serve.client import get_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", required=True, help="directory of bundles, one sub-directory per model name")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-num-seqs", type=int, default=16,
+                   help="rows decoding at once per model and replica (KV cache slots, allocated once)")
+    p.add_argument("--max-waiting", type=int, default=64,
+                   help="requests waiting for slots; beyond it the server answers 503 with Retry-After")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer <key>' on every route but /healthz (or set {API_KEY_ENV})")
     p.add_argument("--ingress", choices=sorted(INGRESS_ENV), default="proxy",
                    help="proxy: Ray Serve's default HTTP proxy; haproxy: Ray's high-throughput ingress "
                         "(HAProxy on the port, forwarding straight to the replicas' own HTTP servers; "
                         "for a cluster this command starts)")
 
+
+API_KEY_ENV = "FT_RAY_API_KEY"
 
 # Ray Serve's ingress modes, chosen by the environment of the cluster's processes when they start
 INGRESS_ENV = {
@@ -69,16 +77,29 @@ def running_http_options():
     return None if client is None else client.http_config
 
 
-def deploy(models_dir: Path, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8,
-           name: str = "ft-ray", route_prefix: str = "/", timeout_s: float = 120.0) -> tuple[str, bool]:
+def port_error(host: str, port: int) -> str | None:
+    """Why Serve could not listen on host:port (checked before a cluster starts), or None."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            reason = "already in use" if e.errno == errno.EADDRINUSE else e.strerror
+            return f"--port {port}: {host}:{port} is {reason}" if e.errno == errno.EADDRINUSE \
+                else f"--port {port}: cannot listen on {host}:{port}: {reason}"
+    return None
+
+
+def deploy(models_dir: Path, host: str = "127.0.0.1", port: int = 8000, name: str = "ft-ray",
+           route_prefix: str = "/", timeout_s: float = 120.0, **app_args) -> tuple[str, bool]:
     """Deploy the Serve app over the bundles of `models_dir` on the connected Ray cluster as
     application `name` at `route_prefix`, and wait until its /healthz answers 200 (the weights are
     loaded). Serve is started on host:port unless it already runs (its proxy then keeps its own
-    address: Serve ignores new HTTP options). Returns (the app's base URL, whether Serve was
-    started here, i.e. whether the caller owns its shutdown)."""
+    address: Serve ignores new HTTP options). `app_args`: the app's other arguments (max_num_seqs,
+    api_key, ...). Returns (the app's base URL, whether Serve was started here, i.e. whether the
+    caller owns its shutdown)."""
     from ray import serve
 
-    from serve_apps.app import app
+    from ft_ray.serve.app import app
 
     running = running_http_options()
     if running is None:
@@ -86,8 +107,8 @@ def deploy(models_dir: Path, host: str = "127.0.0.1", port: int = 8000, max_batc
     else:
         host = "127.0.0.1" if running.host in ("0.0.0.0", "::") else running.host
         port = running.port
-    serve.run(app({"models_dir": str(models_dir), "max_batch_size": max_batch_size}), name=name,
-              route_prefix=route_prefix, blocking=False)
+    serve.run(app({"models_dir": str(models_dir), **app_args}), name=name, route_prefix=route_prefix,
+              blocking=False)
     url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     deadline = time.monotonic() + timeout_s
     while True:
@@ -100,21 +121,6 @@ def deploy(models_dir: Path, host: str = "127.0.0.1", port: int = 8000, max_batc
             time.sleep(0.5)
 
 
-def get_json(url: str, timeout_s: float = 60.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout_s) as r:
-        return json.loads(r.read())
-
-
-def post_json(url: str, body: dict, timeout_s: float = 300.0) -> dict:
-    """POST a JSON body; a 4xx/5xx answer raises with the server's JSON error message."""
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"POST {url} -> {e.code}: {e.read().decode(errors='replace')}") from None
-
-
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from ft_ray.launch import ensure_ray
-    from serve_apps.app import list_models
+    from ft_ray.serve.app import list_models
 
     models = Path(args.models)
     if not models.is_dir():
@@ -137,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"ft-ray: error: {problem}", file=sys.stderr)
         return 2
+    if not os.environ.get("RAY_ADDRESS") and (problem := port_error(args.host, args.port)):
+        print(f"ft-ray: error: {problem}", file=sys.stderr)  # Serve would retry, then fail in tracebacks
+        return 2
     os.environ.update(INGRESS_ENV[args.ingress])  # read by the Serve processes of the cluster started next
     started = deploying = False
     try:
@@ -144,7 +153,10 @@ def run(args: argparse.Namespace) -> int:
         if threading.current_thread() is threading.main_thread():  # after ray.init, which installs its own
             signal.signal(signal.SIGTERM, _interrupt)  # `kill`, Kubernetes, ray job stop: as Ctrl-C
         deploying = True  # from here the app `ft-ray` is ours to remove
-        url, started = deploy(models.resolve(), args.host, args.port, args.max_batch_size)
+        app_args = {"max_num_seqs": args.max_num_seqs, "max_waiting": args.max_waiting}
+        if args.api_key:
+            app_args["api_key"] = args.api_key
+        url, started = deploy(models.resolve(), args.host, args.port, **app_args)
         print(f"[ft-ray] serving {', '.join(names)} at {url}/v1/completions (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)

@@ -135,8 +135,14 @@ class Engine:
         """Memory of the preallocated cache: every slot of every layer, keys and values."""
         return sum(c.k.nbytes + c.v.nbytes for c in self._scheduler.caches)
 
-    def encode(self, prompt: str) -> list[int]:
-        """BOS + the prompt's token ids."""
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """BOS + the prompt's token ids (a prompt given as ids is checked against the vocabulary)."""
+        if isinstance(prompt, list):
+            for i, t in enumerate(prompt):
+                if not 0 <= t < self.cfg.vocab_size:
+                    raise RequestError(f"prompt[{i}]", f"token id {t} is outside the vocabulary "
+                                                       f"[0, {self.cfg.vocab_size})")
+            return [self.bos_id, *prompt]
         try:
             ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         except Exception as e:  # tokenizers raises a bare Exception, e.g. on a character it lacks

@@ -105,7 +105,7 @@ class GenerationRequest:
     request; `plan` only for Free Transformer models (a dict is parsed into a `PlanSpec`).
     """
 
-    prompt: str
+    prompt: str | list[int]  # text, or token ids (without BOS, which the engine adds)
     max_tokens: int = 16
     temperature: float = 1.0
     top_k: int | None = None
@@ -116,8 +116,13 @@ class GenerationRequest:
     plan: PlanSpec | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str):
-            raise RequestError("prompt", f"must be a string, got {_type(self.prompt)}")
+        if isinstance(self.prompt, (list, tuple)):  # token ids (OpenAI's list-of-integers prompt)
+            for i, t in enumerate(self.prompt):
+                if isinstance(t, bool) or not isinstance(t, int):
+                    raise RequestError(f"prompt[{i}]", f"must be a token id (an integer), got {_type(t)}")
+            self.prompt = list(self.prompt)
+        elif not isinstance(self.prompt, str):
+            raise RequestError("prompt", f"must be a string or a list of token ids, got {_type(self.prompt)}")
         _check_int(self.max_tokens, "max_tokens", 1, None)
         self.temperature = _check_float(self.temperature, "temperature")
         if self.temperature != 0 and not self.temperature >= MIN_TEMPERATURE:
@@ -185,7 +190,7 @@ def validate_request(body: Any, info: EngineInfo, encode: Callable[[str], list[i
             del kwargs[key]
     req = GenerationRequest(**kwargs)
     if len(req.prompt) > MAX_PROMPT_CHARS_PER_TOKEN * info.max_seq_len:  # before paying to tokenise it
-        raise RequestError("prompt", f"is {len(req.prompt)} characters, far beyond the context of "
+        raise RequestError("prompt", f"is {len(req.prompt)} characters or ids, far beyond the context of "
                                      f"{info.max_seq_len} tokens", status=413)
     check_request(req, info, len(encode(req.prompt)))
     return req

@@ -22,6 +22,7 @@ cache through views instead of gathering it (measured: the gather cost ~6% of a 
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import threading
@@ -48,12 +49,15 @@ class SchedulerConfig:
     max_num_seqs: int = 16  # cache slots: rows decoding at once (a request's n samples take n)
     max_len: int | None = None  # positions per slot (BOS + prompt + max_tokens); None: max_seq_len
     # tokens one step may run through the model: one per decoding row plus the prompt tokens of
-    # the units it prefills (bounds a step's latency); at least max_len, so any prompt can start
-    max_num_batched_tokens: int = 2048
+    # the units it prefills (bounds a step's latency); at least max_len, so any prompt can start;
+    # None: 2048, or the slot length when that is longer
+    max_num_batched_tokens: int | None = None
     max_waiting: int = 64  # requests waiting for slots; one more is refused with 503
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+            if name == "max_num_batched_tokens" and self.max_num_batched_tokens is None:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 2):
@@ -65,6 +69,8 @@ class Scheduler:
     in one thread at a time (the engine's loop thread, or a synchronous caller)."""
 
     def __init__(self, model, is_ft: bool, cfg: SchedulerConfig, slot_len: int, name: str, stats: EngineStats):
+        if cfg.max_num_batched_tokens is None:
+            cfg = dataclasses.replace(cfg, max_num_batched_tokens=max(2048, slot_len))
         if cfg.max_num_batched_tokens < slot_len:
             raise ValueError(f"max_num_batched_tokens={cfg.max_num_batched_tokens} must be >= the slot "
                              f"length {slot_len}, or a long prompt could never be prefilled")
