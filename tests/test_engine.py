@@ -800,3 +800,24 @@ def test_a_broken_step_fails_what_runs_and_the_loop_goes_on(bundles, monkeypatch
 
     asyncio.run(main())
     assert sched.num_running == 0 and sorted(sched._free) == list(range(sched.cfg.max_num_seqs))
+
+
+def test_event_batches_of_a_slow_consumer_hold_every_event_once(bundles, engines):
+    """A stream read after the engine ran ahead: its events come in a few lists, in order, equal
+    to the request's own stream (what the Serve app writes as one SSE message per list)."""
+    engine = Engine.from_bundle(bundles["ft"])
+    req = GenerationRequest("K>", max_tokens=30, temperature=0.8, seed=3, plan=PlanSpec(seed=4))
+    solo = engines["ft"].generate([req])[0]
+
+    async def main():
+        handle = engine.submit(req, stream=True)
+        while not handle.done:  # the consumer lags: everything is queued before it reads
+            await asyncio.sleep(0.01)
+        return [batch async for batch in handle.event_batches()]
+
+    try:
+        batches = asyncio.run(main())
+    finally:
+        engine.close()
+    assert len(batches) == 1 and len(batches[0]) >= 2  # one write instead of one per token
+    assert_stream_matches([e for b in batches for e in b], solo)

@@ -267,16 +267,19 @@ class FTServer:
         t0, first = time.perf_counter(), None
         try:
             for p, (req, handle) in enumerate(zip(reqs, handles, strict=True)):
-                async for event in handle:
+                async for events in handle.event_batches():  # one write per batch, not per token
                     first = first if first is not None else time.perf_counter() - t0
-                    chunk = {"index": p * req.n + event.index, "text": event.text, "logprobs": None,
-                             "finish_reason": event.finish_reason}
-                    if event.choice is not None:
-                        chunk.update(choice_json(event.choice, chunk["index"]), text=event.text)
-                    if event.usage is not None:
-                        usage["prompt_tokens"] += event.usage.prompt_tokens
-                        usage["completion_tokens"] += event.usage.completion_tokens
-                    yield f"data: {dumps({'id': rid, 'object': 'text_completion', 'created': created, 'model': engine.name, 'choices': [chunk]})}\n\n"
+                    messages = []
+                    for event in events:
+                        chunk = {"index": p * req.n + event.index, "text": event.text, "logprobs": None,
+                                 "finish_reason": event.finish_reason}
+                        if event.choice is not None:
+                            chunk.update(choice_json(event.choice, chunk["index"]), text=event.text)
+                        if event.usage is not None:
+                            usage["prompt_tokens"] += event.usage.prompt_tokens
+                            usage["completion_tokens"] += event.usage.completion_tokens
+                        messages.append(f"data: {dumps({'id': rid, 'object': 'text_completion', 'created': created, 'model': engine.name, 'choices': [chunk]})}\n\n")
+                    yield "".join(messages)
             if include_usage:
                 yield f"data: {dumps({'id': rid, 'object': 'text_completion', 'created': created, 'model': engine.name, 'choices': [], 'usage': usage_json(**usage)})}\n\n"
             self.metrics.request_done(engine.name, time.perf_counter() - t0, usage["completion_tokens"], first)

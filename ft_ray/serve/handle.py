@@ -90,6 +90,23 @@ class RequestHandle:
                 return
             yield item
 
+    async def event_batches(self) -> AsyncIterator[list[StreamEvent]]:
+        """The stream's events in lists: each waits for one event and takes every event that is
+        already queued behind it. A consumer that falls behind the decode loop (a slow client, a
+        busy proxy) then sends one message per batch instead of one per token."""
+        self._check_async()
+        while True:
+            batch, end = [await self._queue.get()], None
+            while not self._queue.empty() and not isinstance(batch[-1], End):
+                batch.append(self._queue.get_nowait())
+            if isinstance(batch[-1], End):
+                end = batch.pop()
+            if batch:
+                yield batch
+            if end is not None:
+                end.unwrap()  # raises the request's error, if any
+                return
+
     def _check_async(self) -> None:
         if self._loop is None:
             raise TypeError("this handle was submitted outside an event loop: use Engine.generate/stream")
