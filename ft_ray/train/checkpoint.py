@@ -15,7 +15,6 @@ written to a temporary sibling and renamed into place, so a partial bundle never
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ft_ray.config import ConfigError, ModelConfig, from_dict, to_dict
+from ft_ray.data.manifest import file_sha256
 from ft_ray.model import build_model
 
 TRAIN_STATE = "train_state.json"
@@ -55,18 +55,10 @@ def save_checkpoint(path: str | Path, model, optimizer, scheduler, train_state: 
     write_checksums(path, rank)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_checksums(path: Path, rank: int) -> None:
     """Record size and sha256 of every file in this rank's checkpoint directory, atomically and
     last: a save cut short (a full disk, a killed worker) leaves no checksum file at all."""
-    files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+    files = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)}
              for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith("checksums_rank")}
     tmp = path / f".{CHECKSUMS.format(rank)}.tmp"
     tmp.write_text(json.dumps({"rank": rank, "files": files}, indent=1))
@@ -102,7 +94,7 @@ def verify_checkpoint(path: str | Path) -> str | None:
                 return f"{name} missing"
             if f.stat().st_size != want["size"]:
                 return f"{name} has {f.stat().st_size} bytes, {want['size']} were written"
-            if _sha256(f) != want["sha256"]:
+            if file_sha256(f) != want["sha256"]:
                 return f"{name} changed since it was written (sha256 differs)"
     return None
 
