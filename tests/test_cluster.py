@@ -3,16 +3,19 @@ with cluster-fake.yaml's autoscaler (its own ports and process group, a 1-CPU he
 training job sent with `ray job submit --working-dir` that needs more CPUs than the head has (the
 autoscaler adds a worker node), `serve deploy serve_apps/config.yaml` of the job's bundle queried
 over HTTP, and the idle worker node removed again. The training reads shards that an earlier
-`jobs.prepare_data` job wrote. Only this cluster's processes are stopped."""
+`jobs.prepare_data` job wrote; a corpus prepared as a Ray Data job on both nodes is trained on
+too. Only this cluster's processes are stopped."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -227,3 +230,23 @@ def test_idle_worker_nodes_are_removed(cluster, trained_run):
     _wait("the autoscaler to remove the idle worker nodes", lambda: cluster.alive_nodes() == 1,
           timeout=IDLE_TIMEOUT_MIN * 60 + 120, every=2)
 
+
+def test_corpus_job_writes_shards_on_several_nodes_and_training_streams_them(cluster):
+    """`jobs.prepare_data corpus --workers 3` on the 1-CPU head: the job waits for the autoscaler's
+    node, tokenizes on both nodes and packs buckets there; the tasks report which node wrote each
+    shard. Then the smoke training streams the shards."""
+    data, runs = cluster.tmp / "corpus", cluster.tmp / "runs"
+    source = str(Path(sysconfig.get_paths()["stdlib"]) / "email" / "**" / "*.py")
+    status, logs = _submit(cluster, "corpus", "jobs.prepare_data", "corpus", "--source", source,
+                           "--tokenizer", "bytes", "--seq-len", "64", "--val-fraction", "0.2", "--buckets", "6",
+                           "--workers", "3", "--out", str(data), timeout=300)
+    assert status == "SUCCEEDED" and f"wrote {data}: train " in logs, logs[-4000:]
+    nodes = re.search(r"shards written on (\d+) node\(s\): (.*)", logs)
+    assert nodes and int(nodes.group(1)) >= 2, logs[-4000:]  # from the pack tasks' own metadata
+    status, logs = _submit(cluster, "train-corpus", "jobs.train", "--config", "smoke",
+                           "--set", "train.cpus_per_worker=1", "--set", "data.source=shards",
+                           "--set", f"data.path={data}", "--set", "model.vocab_size=259",
+                           "--set", "train.eval_every=20", "--set", f"train.storage_path={runs}",
+                           "--set", "train.name=corpus", timeout=300)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert json.loads((runs / "corpus" / "bundle" / "metrics.json").read_text())["step"] == 20

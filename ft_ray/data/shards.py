@@ -3,7 +3,7 @@
 Layout of a shard directory:
 
     train-00000.parquet ...  one column `tokens`: list<uint8|16|32>, every row seq_len + 1 ids
-    val-00000.parquet ...
+    val-00000.parquet ...    (with B > 1 buckets: train-<bucket>-<k>.parquet, see below)
     tokenizer.json           decodes the ids (Hugging Face `tokenizers`)
     manifest.json            source, tokenizer, vocab_size, seq_len, per split counts and shards
                              (file, num_rows, sha256)
@@ -13,6 +13,13 @@ appended to their split's stream, the stream cut into rows, and rows written to 
 one row group at a time, so memory is bounded by a row group (and the tokenizer's work on the
 largest single document), not by the shard or the corpus. Reading and validation live in
 manifest.py and are re-exported here.
+
+Buckets: with `num_buckets` B > 1, every document also goes to one of B buckets by a hash of its
+id (`bucket_of`), and each (split, bucket) is its own stream, packed into its own rows and shards
+(`train-0003-00000.parquet`), its tail shorter than a row dropped. The rows then depend only on
+the documents, their order and B, never on how the work is divided: the Ray Data pipeline
+(prepare.py) packs each bucket in its own task and writes byte-identical shards. B = 1 is one
+stream per split, the layout above.
 
 A shard set is written whole or not at all: every file goes into a hidden sibling of the output
 directory, which replaces it only once complete (ft_ray/fsutil.py), so a failed run leaves the
@@ -58,6 +65,7 @@ ENCODE_BATCH_DOCS = 64  # documents tokenized per encode_batch call ...
 ENCODE_BATCH_CHARS = 1 << 20  # ... or fewer: a batch's encodings cost ~100 bytes per character
 SYNTHETIC_CHUNK_ROWS = 8192  # rows generated per seed: data does not depend on the shard size
 MAX_LIST_VALUES = 2**31 - 1  # int32 list offsets bound the values in one shard
+MAX_BUCKETS = 1024  # file names carry the bucket in 4 digits
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -74,6 +82,18 @@ def split_of(doc_id: str, val_fraction: float) -> str:
     return "val" if h < val_fraction * 2**64 else "train"
 
 
+def bucket_of(doc_id: str, num_buckets: int) -> int:
+    """The document's bucket: other bits of the same hash as `split_of`, so independent of it."""
+    if num_buckets == 1:
+        return 0
+    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[8:16], "big") % num_buckets
+
+
+def shard_stem(split: str, bucket: int, num_buckets: int) -> str:
+    """File names of a (split, bucket)'s shards before "-<k>.parquet": `train` or `train-0003`."""
+    return split if num_buckets == 1 else f"{split}-{bucket:04d}"
+
+
 def rows_table(rows: np.ndarray) -> pa.Table:
     """(num_rows, row_len) ids -> a table with one list column `tokens` of the array's dtype."""
     num_rows, row_len = rows.shape
@@ -88,8 +108,10 @@ class _SplitWriter:
     most a row group of rows, whatever the shard size.
     """
 
-    def __init__(self, out: Path, split: str, row_len: int, dtype: np.dtype, shard_max_bytes: int):
+    def __init__(self, out: Path, split: str, row_len: int, dtype: np.dtype, shard_max_bytes: int,
+                 stem: str | None = None):
         self.out, self.split, self.row_len, self.dtype = out, split, row_len, dtype
+        self.stem = stem or split  # shards are <stem>-<k>.parquet
         row_bytes = row_len * dtype.itemsize  # raw ids; Parquet compression only makes files smaller
         self.rows_per_shard = max(1, min(shard_max_bytes // row_bytes, MAX_LIST_VALUES // row_len))
         self.rows_per_group = max(1, ROW_GROUP_BYTES // row_bytes)
@@ -104,7 +126,11 @@ class _SplitWriter:
         self.num_documents += 1
         tokens = np.empty(len(ids) + 1, self.dtype)
         tokens[:-1], tokens[-1] = ids, eos
-        stream = np.concatenate([self.carry, tokens])
+        self.add_stream(tokens)
+
+    def add_stream(self, tokens: np.ndarray) -> None:
+        """Append ids (documents already followed by their EOS) to the stream and pack them."""
+        stream = np.concatenate([self.carry, tokens.astype(self.dtype, copy=False)])
         num_rows = len(stream) // self.row_len
         self.carry = stream[num_rows * self.row_len:].copy()  # copy: do not pin the whole stream
         if num_rows:
@@ -134,7 +160,7 @@ class _SplitWriter:
             self._close_shard()
 
     def _name(self) -> str:
-        return f"{self.split}-{len(self.shards):05d}.parquet"
+        return f"{self.stem}-{len(self.shards):05d}.parquet"
 
     def _close_shard(self) -> None:
         path = self.out / self._name()
@@ -253,18 +279,21 @@ def _save(tmp: Path, manifest: Manifest, tok: Tokenizer, out: Path, overwrite: b
 
 def _report(out: Path, manifest: Manifest, progress: Callable[[str], Any], started: float) -> None:
     splits = manifest["splits"]
-    num_skipped = manifest.get("skipped", {"binary": 0})["binary"]  # corpus sets count skipped files
+    skipped = manifest.get("skipped", {})  # corpus sets count skipped files
+    num_binary, num_empty = skipped.get("binary", 0), skipped.get("empty", 0)
     if splits["val"]["num_sequences"] == 0:
         progress(f"warning: the validation split is empty (val_fraction={manifest['val_fraction']})")
-    if num_skipped:
-        progress(f"warning: skipped {num_skipped} binary files, e.g. "
-                 f"{', '.join(manifest['skipped']['examples'])}")
+    if num_binary:
+        progress(f"warning: skipped {num_binary} binary files, e.g. {', '.join(skipped['examples'])}")
+    if num_empty:
+        progress(f"warning: skipped {num_empty} empty documents, e.g. {', '.join(skipped['empty_examples'])}")
     parts = [f"{s} {v['num_sequences']} sequences / {v['num_tokens']} tokens / "
              f"{len(v['shards'])} shards" for s, v in splits.items()]
     mb = sum((out / sh["file"]).stat().st_size for v in splits.values() for sh in v["shards"]) / 1e6
     progress(f"wrote {out}: {'; '.join(parts)}; seq_len {manifest['seq_len']}, vocab "
              f"{manifest['vocab_size']}, {mb:.2f} MB in {time.monotonic() - started:.1f}s"
-             + (f"; {num_skipped} binary files skipped" if num_skipped else ""))
+             + (f"; {num_binary} binary files skipped" if num_binary else "")
+             + (f"; {num_empty} empty documents skipped" if num_empty else ""))
 
 
 def write_corpus_shards(documents: Iterable[Document], tokenizer: Tokenizer, seq_len: int,
@@ -272,15 +301,18 @@ def write_corpus_shards(documents: Iterable[Document], tokenizer: Tokenizer, seq
                         shard_max_bytes: int = SHARD_MAX_BYTES, progress: Callable[[str], Any] = print,
                         source: str = "", tokenizer_spec: str = "",
                         on_document: Callable[[str, str], Any] | None = None,
-                        overwrite: bool = False) -> Manifest:
+                        overwrite: bool = False, num_buckets: int = 1) -> Manifest:
     """Tokenize, split by document hash, pack into rows of seq_len + 1 and write the shards.
 
     `on_document(split, doc_id)` is called for every document, e.g. to audit the split.
     Files the source skipped (a `DocumentStream`'s binary files) are recorded in the manifest.
+    `num_buckets` > 1 packs each bucket of documents on its own (module docstring): the layout
+    the Ray Data pipeline writes; memory then holds a row group per (split, bucket).
     """
     _check_args(seq_len, val_fraction, shard_max_bytes)
+    check_num_buckets(num_buckets)
     started, out = time.monotonic(), check_out_dir(out_dir, overwrite)
-    manifest = _base_manifest("corpus", source, tokenizer_spec, tokenizer, seq_len, val_fraction)
+    manifest = corpus_manifest(source, tokenizer_spec, tokenizer, seq_len, val_fraction, num_buckets)
     with atomic_directory(out) as tmp:
         manifest["splits"] = _write_corpus_splits(documents, tokenizer, tmp, manifest,
                                                   shard_max_bytes, _Progress(progress), on_document)
@@ -291,26 +323,56 @@ def write_corpus_shards(documents: Iterable[Document], tokenizer: Tokenizer, seq
     return manifest
 
 
+def check_num_buckets(num_buckets: int) -> None:
+    if not 1 <= num_buckets <= MAX_BUCKETS:
+        raise DataError(f"--buckets must be in [1, {MAX_BUCKETS}], got {num_buckets}")
+
+
+def corpus_manifest(source: str, tokenizer_spec: str, tok: Tokenizer, seq_len: int, val_fraction: float,
+                    num_buckets: int) -> Manifest:
+    """A corpus set's manifest before its splits: the same for both writers."""
+    return _base_manifest("corpus", source, tokenizer_spec, tok, seq_len, val_fraction) | \
+        {"num_buckets": num_buckets}
+
+
 def _write_corpus_splits(documents: Iterable[Document], tokenizer: Tokenizer, tmp: Path,
                          manifest: Manifest, shard_max_bytes: int, meter: _Progress,
                          on_document: Callable[[str, str], Any] | None) -> dict[str, Any]:
     source, seq_len, val_fraction = manifest["source"], manifest["seq_len"], manifest["val_fraction"]
-    eos, dtype = manifest["eos_id"], token_dtype(manifest["vocab_size"])
-    writers = {s: _SplitWriter(tmp, s, seq_len + 1, dtype, shard_max_bytes) for s in SPLITS}
+    eos, dtype, num_buckets = manifest["eos_id"], token_dtype(manifest["vocab_size"]), manifest["num_buckets"]
+    writers = {(s, b): _SplitWriter(tmp, s, seq_len + 1, dtype, shard_max_bytes, shard_stem(s, b, num_buckets))
+               for s in SPLITS for b in range(num_buckets)}
     for batch in _batched(documents):
         for doc, ids in zip(batch, _encode(tokenizer, batch, source), strict=True):
             split = split_of(doc.id, val_fraction)
-            writers[split].add_document(ids, eos)
+            writers[split, bucket_of(doc.id, num_buckets)].add_document(ids, eos)
             if on_document is not None:
                 on_document(split, doc.id)
         meter.update(writers)
-    splits = {s: w.close() for s, w in writers.items()}
+    splits = merge_buckets({key: w.close() for key, w in writers.items()}, num_buckets)
+    check_corpus_splits(splits, source, seq_len, num_buckets)
+    return splits
+
+
+def merge_buckets(parts: dict[tuple[str, int], dict[str, Any]], num_buckets: int) -> dict[str, Any]:
+    """Per (split, bucket) results -> the manifest's splits: counts summed, shards in bucket order."""
+    splits = {}
+    for s in SPLITS:
+        buckets = [parts[s, b] for b in range(num_buckets)]
+        splits[s] = {key: sum(p[key] for p in buckets) for key in
+                     ("num_sequences", "num_tokens", "num_documents", "num_dropped_tokens")}
+        splits[s]["shards"] = [shard for p in buckets for shard in p["shards"]]
+    return splits
+
+
+def check_corpus_splits(splits: dict[str, Any], source: str, seq_len: int, num_buckets: int) -> None:
+    """Counts only (the Ray pipeline checks them before packing): no documents, no train row."""
     if sum(v["num_documents"] for v in splits.values()) == 0:
         raise DataError(f"source {source!r} produced no documents")
     if splits["train"]["num_sequences"] == 0:
-        raise DataError(f"source {source!r}: the train split has fewer than seq_len + 1 = "
+        where = "split" if num_buckets == 1 else f"split's every bucket (of {num_buckets})"
+        raise DataError(f"source {source!r}: the train {where} has fewer than seq_len + 1 = "
                         f"{seq_len + 1} tokens, so no sequence could be written")
-    return splits
 
 
 def derive_seed(seed: int, split: str, chunk: int) -> int:
