@@ -216,7 +216,8 @@ def _latency_and_stream_rows(url: str) -> list[Row]:
 
     async def loaded():
         async with httpx.AsyncClient(timeout=600) as http:
-            longs = [asyncio.create_task(_request(http, url, _body(20_000 + i, 256), False)) for i in range(CLIENTS - 1)]
+            longs = [asyncio.create_task(_request(http, url, _body(20_000 + i, 256), False))
+                     for i in range(CLIENTS - 1)]
             await asyncio.sleep(1.0)  # the long ones are decoding
             lat, _, _ = await _request(http, url, short, False)
             await asyncio.gather(*longs)

@@ -65,7 +65,8 @@ def checkpoint_rows(tmp: Path) -> list[Row]:
     params = model.num_params() * 4 / 2**20
     return [Row("checkpoint save (FT D=256 L=8 H=16, model+AdamW)", t_save, "s"),
             Row("checkpoint load", t_load, "s"),
-            Row("checkpoint size / fp32 params", size / params, "x", "", f"{size:.0f} MiB for {params:.0f} MiB of fp32 weights")]
+            Row("checkpoint size / fp32 params", size / params, "x", "",
+                f"{size:.0f} MiB for {params:.0f} MiB of fp32 weights")]
 
 
 def run(quick: bool = False) -> list[Row]:
@@ -143,4 +144,6 @@ def ingest_tokens_per_s(tmp: Path) -> float:
         run_config=RunConfig(storage_path=str(tmp), name="ingest"), datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"])).fit()
     stats = result.return_value
-    return stats["tokens_per_s"] * 2 if "tokens_per_s" in stats else json.loads(result.metrics["stats"])["tokens_per_s"] * 2
+    if "tokens_per_s" in stats:
+        return stats["tokens_per_s"] * 2
+    return json.loads(result.metrics["stats"])["tokens_per_s"] * 2

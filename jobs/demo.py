@@ -92,7 +92,8 @@ def sample_served(url: str, out: Path) -> list[str]:
              "| model | plan | valid | same start | first sample (prompt K>) |", "|---|---|---|---|---|"]
     replay = None
     for name in served:
-        modes = {"fresh plans": lambda g: {"seed": 100 + g}, "one shared plan": lambda g: {"seed": 100 + g, "shared": True}}
+        modes = {"fresh plans": lambda g: {"seed": 100 + g},
+                 "one shared plan": lambda g: {"seed": 100 + g, "shared": True}}
         if name == "baseline":
             modes = {"(no latent)": lambda g: None}
         for mode, plan_of in modes.items():
@@ -118,7 +119,8 @@ def sample_served(url: str, out: Path) -> list[str]:
             "plan": {"codes": c["plan"]["prompt_codes"] + c["plan"]["codes"]}})["choices"][0]["text"]
         lines += ["", f"Replaying the first shared-plan sample from its returned `seed` and plan codes gives "
                       f"{'the same text' if again == c['text'] else 'a DIFFERENT text'}."]
-        print(f"[demo] replay of a served sample from its seed and codes: {'same' if again == c['text'] else 'DIFFERENT'}")
+        same = "same" if again == c["text"] else "DIFFERENT"
+        print(f"[demo] replay of a served sample from its seed and codes: {same}")
     (out / "served.json").write_text(json.dumps({"url": url, "models": served}, indent=2))
     return lines
 

@@ -194,8 +194,10 @@ def test_damaged_newer_checkpoint_is_quarantined_when_the_run_goes_ahead(tmp_pat
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["data.num_val_sequences=15", "data.batch_size=8"], r"data.num_val_sequences: the val split has 15 .* needs at least 16"),
-    (["data.num_train_sequences=7", "train.num_workers=0"], r"data.num_train_sequences: the train split has 7 .* at least 8"),
+    (["data.num_val_sequences=15", "data.batch_size=8"],
+     r"data.num_val_sequences: the val split has 15 .* needs at least 16"),
+    (["data.num_train_sequences=7", "train.num_workers=0"],
+     r"data.num_train_sequences: the train split has 7 .* at least 8"),
 ])
 def test_splits_smaller_than_a_batch_per_worker_are_refused(tmp_path, overrides, match):
     from ft_ray.train.trainer import resolve

@@ -683,7 +683,8 @@ def test_model_generate_equals_engine_for_the_same_plan_seed(engines):
     prompt = torch.tensor(engine.encode("K>__"))[None]  # (1, 5)
     n_new = 14
     for plan in ({"seed": 31}, {"seed": 31, "shared": True}):
-        choices = engine.generate([GenerationRequest("K>__", max_tokens=n_new, temperature=0, n=3, plan=plan)])[0].choices
+        request = GenerationRequest("K>__", max_tokens=n_new, temperature=0, n=3, plan=plan)
+        choices = engine.generate([request])[0].choices
         seq, z = engine.model.generate(prompt.expand(3, -1), n_new, temperature=0, plan=31,
                                        shared_plan=plan.get("shared", False), return_plan=True)
         for j, ch in enumerate(choices):

@@ -91,7 +91,8 @@ def mlflow_server(tmp_path_factory):
     with (root / "server.log").open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root / 'store.db'}", "--artifacts-destination", str(root / "artifacts")],
+             "--backend-store-uri", f"sqlite:///{root / 'store.db'}",
+             "--artifacts-destination", str(root / "artifacts")],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

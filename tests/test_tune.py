@@ -135,7 +135,8 @@ def test_trial_owned_keys_are_the_ones_the_trial_sets():
 
     def flat(d, prefix=""):
         return {k: v for key, val in d.items()
-                for k, v in (flat(val, f"{prefix}{key}.") if isinstance(val, dict) else {f"{prefix}{key}": val}).items()}
+                for k, v in (flat(val, f"{prefix}{key}.") if isinstance(val, dict)
+                             else {f"{prefix}{key}": val}).items()}
 
     before = flat(to_dict(cfg))
     own_trial_settings(cfg, Resources(workers_per_trial=3, cpus_per_worker=0.7, gpus_per_worker=1),

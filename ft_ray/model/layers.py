@@ -79,7 +79,7 @@ class CacheRows:
                 i = torch.arange(T, device=device)[:, None] + pos
                 self.mask = torch.arange(self.length, device=device)[None, :] <= i  # (T, S)
         else:
-            self.pos = None
+            self.pos = None  # type: ignore[assignment]  # read only where positions is None
             self.positions = torch.tensor(pos, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
             self.length, self.is_causal = max(pos) + T, False
             visible = torch.arange(self.length, device=device) <= self.positions[..., None]  # (B, T, S)
@@ -100,13 +100,16 @@ class CacheRows:
         if self.positions is None:
             cache[self.slots, :, self.pos:self.pos + T] = new
         else:
-            cache[self.slots[:, None], :, self.positions] = new.transpose(1, 2)
-        return cache.narrow(2, 0, self.length).index_select(0, self.slots)
+            cache[self.slots[:, None], :, self.positions] = new.transpose(1, 2)  # type: ignore[index]
+        return cache.narrow(2, 0, self.length).index_select(0, self.slots)  # type: ignore[arg-type]
 
 
 class KVCache(nn.Module):
     """Preallocated keys/values for one attention layer: (num_slots, n_kv, max_len, hd). A row of a
     cached forward writes into its own slot (see `CacheRows`); nothing is reallocated per call."""
+
+    k: torch.Tensor  # buffers, registered in __init__
+    v: torch.Tensor
 
     def __init__(self, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
@@ -158,6 +161,7 @@ def pack_block(block: Block) -> DecodeWeights:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        assert cfg.num_key_value_heads is not None  # resolved by ModelConfig.__post_init__
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_key_value_heads, cfg.head_dim
         self.dropout = cfg.dropout
         d = cfg.hidden_dim
@@ -199,6 +203,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, is_causal = None, causal and T > 1  # without a cache: the whole sequence, causal
         if cache is not None:
+            assert rows is not None  # a cached forward always says where its rows go
             k, v = cache.update(rows, k, v)  # (B, kv, S, hd)
             mask, is_causal = rows.mask, rows.is_causal
         rep = self.num_heads // self.num_kv_heads
@@ -213,6 +218,7 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        assert cfg.intermediate_size is not None  # resolved by ModelConfig.__post_init__
         self.w1 = nn.Linear(cfg.hidden_dim, cfg.intermediate_size, bias=False)  # gate
         self.w3 = nn.Linear(cfg.hidden_dim, cfg.intermediate_size, bias=False)  # up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_dim, bias=False)  # down

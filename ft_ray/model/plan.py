@@ -103,8 +103,9 @@ def make_plan(model: FreeTransformer, prompt: torch.Tensor, num_new: int, plan,
         raise ValueError("shared_plan=True samples one plan from one prompt, but the rows' prompts "
                          "differ; generate each prompt separately (or share explicit codes)")
     rows = 1 if shared else B
+    generators: list[torch.Generator | None]
     if isinstance(plan, int):
-        generators = seeded_generators([row_seed(plan, j) for j in range(rows)], prompt.device)
+        generators = list(seeded_generators([row_seed(plan, j) for j in range(rows)], prompt.device))
     else:
         generators = [generator] * rows
     prompt_codes = new_codes = None

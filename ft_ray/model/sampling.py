@@ -17,6 +17,7 @@ row with +inf logits picks among its +inf tokens. Only a row without any valid t
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 
@@ -71,11 +72,13 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor | float, top_k: 
     if not isinstance(temperature, torch.Tensor):  # one setting: the same arithmetic, fewer ops
         if temperature <= 0:
             return logits.argmax(-1), bad
-        return _inverse_cdf(filter_logits(logits / temperature, top_k, top_p), u), bad
+        k, p = typing.cast(int, top_k), typing.cast(float, top_p)  # one number each, as temperature
+        return _inverse_cdf(filter_logits(logits / temperature, k, p), u), bad
     greedy = temperature <= 0
     if bool(greedy.all()):
         return logits.argmax(-1), bad
     scaled = logits / torch.where(greedy, 1.0, temperature).to(logits.dtype)[:, None]
+    top_k, top_p = typing.cast(torch.Tensor, top_k), typing.cast(torch.Tensor, top_p)  # (B,) each, as temperature
     if bool(((top_k > 0) | (top_p < 1)).any()):
         scaled = _filter_rows(scaled, top_k, top_p)
     return torch.where(greedy, logits.argmax(-1), _inverse_cdf(scaled, u)), bad
@@ -104,7 +107,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     draw from it in order; greedy draws nothing). ValueError when a row has no valid token."""
     B, device = logits.shape[0], logits.device
     u = draw_uniform(generator, B, device) if temperature > 0 else None
-    tokens, bad = sample_rows(logits, float(temperature), top_k or 0, 1.0 if top_p is None else top_p, u)
+    tokens, bad = sample_rows(logits, float(temperature), top_k or 0, 1.0 if top_p is None else top_p,
+                              u)  # type: ignore[arg-type]  # None only for greedy, which draws nothing
     if bad is not None:
         raise ValueError(BAD_ROW)
     return tokens

@@ -20,7 +20,9 @@ import os
 import shutil
 import sys
 import tempfile
+import typing
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -136,7 +138,7 @@ class CheckpointError(RuntimeError):
 
 def damaged_checkpoints(run_dir: str | Path) -> tuple[str | None, list[tuple[Path, str]]]:
     """(the newest verified checkpoint or None, [(damaged checkpoint newer than it, problem)])."""
-    damaged = []
+    damaged: list[tuple[Path, str]] = []
     for path in _candidates(run_dir=run_dir):
         problem = verify_checkpoint(path)
         if problem is None:
@@ -162,7 +164,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, rank: int) ->
     """Restore model, optimizer, scheduler and RNG in place; return the train state."""
     path = Path(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train_state = json.loads((path / TRAIN_STATE).read_text())
@@ -176,7 +178,8 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, rank: int) ->
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The unsharded model state on CPU. Collective under FSDP: every rank must call it."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return typing.cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))  # tensors only
 
 
 def write_bundle(out_dir: str | Path, state: dict[str, torch.Tensor], model_cfg: ModelConfig,

@@ -10,7 +10,8 @@ from torch import nn
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (linear weights, embeddings); never norms' gains or vectors like zeta."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
@@ -48,7 +49,8 @@ class Schedule:
 
     def __init__(self, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float):
         self.base_lr, self.warmup_steps, self.min_lr = base_lr, warmup_steps, min_lr
-        self.total_steps, self.decay_from = total_steps, None
+        self.total_steps = total_steps
+        self.decay_from: tuple[int, float] | None = None
 
     def __call__(self, step: int) -> float:
         return self.lr(step) / self.base_lr

@@ -4,6 +4,7 @@ every world-th row."""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Iterator
@@ -23,10 +24,12 @@ def _rows(cfg: Config, split: str, rank: int, world: int, batch_size: int) -> It
         stream = TRAIN_STREAM if split == "train" else VAL_STREAM
         ids = np.arange(rank, n - n % world, world)  # equal shares, like streaming_split(equal=True)
         for start in range(0, len(ids) - batch_size + 1, batch_size):
-            yield torch.from_numpy(synthetic_rows(data.task, data.shuffle_seed, stream, ids[start:start + batch_size]).astype(np.int64))
+            rows = synthetic_rows(data.task, data.shuffle_seed, stream, ids[start:start + batch_size])
+            yield torch.from_numpy(rows.astype(np.int64))
     else:
         from ft_ray.data.shards import read_split
 
+        assert data.path is not None  # DataConfig.validate: shards need a path
         rows = read_split(data.path, split)
         rows = rows[rank:len(rows) - len(rows) % world:world]
         for start in range(0, len(rows) - batch_size + 1, batch_size):
@@ -45,7 +48,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, run_dir: str, out:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         cfg = from_dict(Config, cfg_dict)
-        data = {split: (lambda r, w, b, s=split: _rows(cfg, s, r, w, b)) for split in ("train", "val")}
+        data = {split: functools.partial(_rows, cfg, split) for split in ("train", "val")}
         runtime = PlainRuntime(data, Path(run_dir) / "checkpoints")
         final = run_training(cfg, runtime, run_dir)
         if rank == 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -74,7 +74,7 @@ class PlainRuntime:
     """torch.distributed without Ray: data from in-process iterator factories, checkpoints in
     `checkpoint_root/checkpoint_<step>`."""
 
-    def __init__(self, data: dict[str, Callable[[int, int, int], Iterator[torch.Tensor]]],
+    def __init__(self, data: Mapping[str, Callable[[int, int, int], Iterator[torch.Tensor]]],
                  checkpoint_root: str | Path, device: torch.device | None = None):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1

@@ -112,6 +112,7 @@ def data_identity(cfg: Config, info: DataInfo) -> dict:
     """The resolved config and a fingerprint of the data (shards: their manifest and tokenizer)."""
     data: dict = {"seq_len": info.seq_len}
     if cfg.data.source == "shards":
+        assert cfg.data.path is not None  # DataConfig.validate: shards need a path
         root = Path(cfg.data.path)
         data["manifest.json sha256"] = file_sha256(root / "manifest.json")
         data["tokenizer.json sha256"] = file_sha256(root / "tokenizer.json")
@@ -119,7 +120,7 @@ def data_identity(cfg: Config, info: DataInfo) -> dict:
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
+    flat: dict = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
         flat.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
@@ -221,13 +222,15 @@ def fit(run: Config | ResolvedRun, kill_at: str | None = None, callbacks: list |
     prepare(run)
     datasets, _ = build_datasets(cfg.data, cfg.model, run.data)
     run_dir = run.run_dir
+    # Ray's annotations describe Train V1 (whose loop returns None and whose RunConfig lacks
+    # worker_runtime_env/logging_config); RAY_TRAIN_V2_ENABLED selects V2 at run time.
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop_per_worker,  # type: ignore[arg-type]
         train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir), "tokenizer_path": run.tokenizer_path,
                            "kill_at": kill_at},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=resources if tc.num_workers else None),
-        run_config=RunConfig(
+        run_config=RunConfig(  # type: ignore[call-arg]
             name=tc.name, storage_path=str(run_dir.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
             failure_config=FailureConfig(max_failures=tc.max_failures), callbacks=callbacks or [],

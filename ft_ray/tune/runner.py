@@ -96,7 +96,8 @@ def concurrency(spec: SweepSpec) -> int:
         limit = min(limit, math.floor(gpus / (spec.resources.workers_per_trial * spec.resources.gpus_per_worker)))
     if limit < 1:
         raise ConfigError("resources", f"a trial needs {per_trial:g} CPUs plus 1 for Ray Data, the cluster has "
-                                       f"{cpus:g}: lower resources.cpus_per_worker or workers_per_trial", str(spec.path))
+                                       f"{cpus:g}: lower resources.cpus_per_worker or workers_per_trial",
+                          str(spec.path))
     return limit
 
 
@@ -265,7 +266,8 @@ def _pick_best_bundle(spec: SweepSpec, sweep_dir: Path, rows: list[dict], reason
     if reason:
         print(f"[ft-ray] no best bundle: {reason}")
         return
-    finished = [r for r in rows if r.get("metric") is not None and (sweep_dir / "trials" / r["trial"] / "bundle").exists()]
+    finished = [r for r in rows
+                if r.get("metric") is not None and (sweep_dir / "trials" / r["trial"] / "bundle").exists()]
     if not finished:
         print("[ft-ray] no best bundle: no finished trial exported one (train.export_bundle)")
         return
@@ -286,7 +288,8 @@ def _plots(rows: list[dict], out: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for h in sorted({r.get("model.latent_bits") for r in ft}, key=lambda v: (v is None, v)):
-        pts = sorted((r["model.free_bits"], r["val_nll"], r["kl_bits"] or 0.0) for r in ft if r.get("model.latent_bits") == h)
+        pts = sorted((r["model.free_bits"], r["val_nll"], r["kl_bits"] or 0.0)
+                     for r in ft if r.get("model.latent_bits") == h)
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"H={h}")
         axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=f"H={h}")
     for r in rows:
@@ -295,7 +298,7 @@ def _plots(rows: list[dict], out: Path) -> None:
     axes[0].set(xscale="log", xlabel="kappa (bits/token)", ylabel="honest val NLL bound (nats/token)")
     axes[1].set(xscale="log", xlabel="kappa (bits/token)", ylabel="KL (bits/token)")
     save_figure(fig, axes, out / "nll_kl_vs_kappa.png")
-    hs = sorted({r.get("model.latent_bits") for r in ft if r.get("model.latent_bits") is not None})
+    hs = sorted({h for r in ft if (h := r.get("model.latent_bits")) is not None})
     ks = sorted({r["model.free_bits"] for r in ft})
     if len(hs) > 1 and len(ks) > 1:
         import numpy as np

@@ -57,4 +57,5 @@ class FtRayConfig(PretrainedConfig):
         self.use_cache = use_cache
         kwargs.pop("head_dim", None)  # derived, written for tools that read it
         self.head_dim = hidden_size // num_attention_heads
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        # a PreTrainedConfig kwarg at run time, which transformers' annotated signature leaves out
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)  # type: ignore[call-arg]

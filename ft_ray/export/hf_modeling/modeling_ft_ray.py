@@ -68,7 +68,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, cfg: FtRayConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         d = cfg.hidden_size
         self.wq = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
@@ -210,7 +211,7 @@ class FtRayForCausalLM(FtRayPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
+    def set_input_embeddings(self, value: nn.Embedding) -> None:  # type: ignore[override]  # an embedding only
         self.embed = value
 
     def get_output_embeddings(self) -> nn.Linear:
