@@ -14,6 +14,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,11 +31,15 @@ from ft_ray.report import (
     read_csv,
 )
 
+PLAN_EVAL_GROUPS = 24  # letter-task sample groups (8 samples each) per kind of plan and model
+
 COLUMNS = [("arm", "model", "s"), ("kappa", "kappa (bits)", "g"), ("nll", "NLL bound (nats/tok)", ".4f"),
            ("iwae", "IWAE-8", ".4f"), ("ce_post", "CE with encoder Z (leaky)", ".4f"),
            ("ce_random_z", "CE with random Z", ".4f"), ("z_gap", "Z-usage gap", ".4f"),
            ("kl_bits", "KL (bits/tok)", ".3f"), ("valid_fresh", "valid (fresh)", ".2f"),
-           ("pos_agree_fresh", "pos. agree (fresh)", ".2f"), ("pos_agree_shared", "pos. agree (shared)", ".2f"),
+           ("pos_agree_fresh", "pos. agree (fresh)", ".2f"), ("pos_agree_shared_pm", "pos. agree (shared) ± 95%", "s"),
+           ("pos_agree_chance", "its chance level", ".2f"), ("start_spread_fresh", "start spread (fresh)", ".1f"),
+           ("start_spread_shared", "start spread (shared)", ".1f"),
            ("tokens_per_s", "train tok/s", ".0f"), ("params", "params", ",.0f")]
 
 
@@ -44,8 +49,9 @@ def arms(cfg_path: Path, overrides: list[str], kappas: list[float]) -> dict[str,
     out = {"baseline": load_config(cfg_path, [*overrides, "model.arch=baseline",
                                               f"train.name={base.train.name}-baseline"])}
     for k in kappas:
-        out[f"FT kappa={k:g}"] = load_config(cfg_path, [*overrides, "model.arch=free_transformer",
-                                                         f"model.free_bits={k}", f"train.name={base.train.name}-kappa{k:g}"])
+        arm = [*overrides, "model.arch=free_transformer", f"model.free_bits={k}",
+               f"train.name={base.train.name}-kappa{k:g}"]
+        out[f"FT kappa={k:g}"] = load_config(cfg_path, arm)
     return out
 
 
@@ -57,6 +63,7 @@ def validation_rows(cfg: Config) -> torch.Tensor:
                                                np.arange(cfg.data.num_val_sequences)).astype(np.int64))
     from ft_ray.data.shards import read_split
 
+    assert cfg.data.path is not None  # DataConfig.validate: shards need a path
     return torch.from_numpy(read_split(cfg.data.path, "val"))
 
 
@@ -84,14 +91,17 @@ def run_compare(cfg_path: Path, overrides: list[str], kappas: list[float], out_d
         else:
             print(f"[ft-ray] compare: reusing the finished run {run_dir}", flush=True)
         model, _, _ = load_bundle(run_dir / "bundle")
-        row = {"arm": label, "kappa": cfg.model.free_bits if cfg.model.arch == "free_transformer" else None}
-        row.update(evaluate_bundle(model, validation_rows(cfg), iwae_samples=8 if cfg.model.arch != "baseline" else 0))
+        kappa = cfg.model.free_bits if cfg.model.has_latent else None
+        row: dict[str, Any] = {"arm": label, "kappa": kappa}
+        row.update(evaluate_bundle(model, validation_rows(cfg), iwae_samples=8 if cfg.model.has_latent else 0))
         train = read_csv(run_dir / "train.csv")
         if len(train) > 1:
             row["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in train[1:])
         if synthetic_task_of(cfg.data) == "letters":
-            row.update(letter_plan_eval(model, num_groups=8, seed=1))
-        if cfg.model.arch == "free_transformer":
+            row.update(letter_plan_eval(model, num_groups=PLAN_EVAL_GROUPS, seed=1))
+            if "pos_agree_shared" in row:
+                row["pos_agree_shared_pm"] = f"{row['pos_agree_shared']:.2f} ± {row['pos_agree_shared_ci95']:.2f}"
+        if cfg.model.has_latent:
             models[label] = model
             kl_points.append((cfg.model.free_bits, row["kl_bits"], row["z_gap"]))
         rows.append(row)
@@ -104,6 +114,12 @@ def run_compare(cfg_path: Path, overrides: list[str], kappas: list[float], out_d
              "plus the KL) for a Free Transformer; IWAE-8 tightens it. The CE with the encoder's Z is "
              "*not* a likelihood (the encoder saw the future) and is shown only to measure Z usage: the "
              "Z-usage gap is CE with random Z minus CE with the encoder's Z (> 0: the decoder uses Z).", "",
+             f"Letter task ({PLAN_EVAL_GROUPS} groups of 8 samples per kind of plan): *pos. agree* is the share "
+             "of a group's valid samples whose run starts at the group's most common position, with its 95% "
+             "interval over groups; *its chance level* is what shared-plan groups of the same sizes would "
+             "score with starts as independent as fresh ones. *start spread* is the standard deviation of "
+             "the start within a group (positions): a plan that carries the position makes the shared "
+             "spread small (the paper's Fig. 4).", "",
              markdown_table(rows, COLUMNS), "", f"![curves]({plot_curves(run_dirs, out_dir / 'curves.png').name})"]
     if len(kl_points) > 1:
         lines.append(f"![kl]({plot_kl_vs_kappa(kl_points, out_dir / 'kl_vs_kappa.png').name})")
@@ -119,7 +135,8 @@ def run_compare(cfg_path: Path, overrides: list[str], kappas: list[float], out_d
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="preset name or YAML path of the FT run (the baseline derives from it)")
+    p.add_argument("--config", required=True,
+                   help="preset name or YAML path of the FT run (the baseline derives from it)")
     p.add_argument("--kappa", type=float, nargs="+", default=[0.125, 1.0], help="free bits per token, one FT each")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default="results/compare", help="report directory (default: results/compare)")

@@ -99,6 +99,8 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
+        # resolved by __post_init__ (a None left here fails the >= 1 check below)
+        num_kv_heads, inject_layer = typing.cast(int, self.num_key_value_heads), typing.cast(int, self.inject_layer)
         for name in ("vocab_size", "hidden_dim", "num_layers", "num_heads", "num_key_value_heads",
                      "intermediate_size", "max_seq_len", "mapper_chunk_elems"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
@@ -106,7 +108,7 @@ class ModelConfig:
                f"must divide hidden_dim={self.hidden_dim}, got {self.num_heads}")
         _check((self.hidden_dim // self.num_heads) % 2 == 0, "num_heads",
                f"head dim hidden_dim/num_heads={self.hidden_dim / self.num_heads:g} must be even for RoPE")
-        _check(self.num_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+        _check(self.num_heads % num_kv_heads == 0, "num_key_value_heads",
                f"must divide num_heads={self.num_heads}, got {self.num_key_value_heads}")
         _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
@@ -117,9 +119,14 @@ class ModelConfig:
                f"must be a finite number of bits >= 0, got {self.free_bits}")
         _check(self.num_layers >= 2, "num_layers",
                f"must be >= 2 (a first half and an injection block), got {self.num_layers}")
-        _check(1 <= self.inject_layer < self.num_layers, "inject_layer",
+        _check(1 <= inject_layer < self.num_layers, "inject_layer",
                f"must be in [1, num_layers-1={self.num_layers - 1}], got {self.inject_layer}")
         _check(self.latent_init_std >= 0, "latent_init_std", f"must be >= 0, got {self.latent_init_std}")
+
+    @property
+    def has_latent(self) -> bool:
+        """Whether the model has a latent plan Z (the one answer; models carry it as `has_latent`)."""
+        return self.arch == "free_transformer"
 
     @property
     def head_dim(self) -> int:
@@ -150,7 +157,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.source == "synthetic":
-            _check(self.task in SYNTHETIC_TASKS, "task", f"expected one of {', '.join(SYNTHETIC_TASKS)}, got {self.task!r}")
+            _check(self.task in SYNTHETIC_TASKS, "task",
+                   f"expected one of {', '.join(SYNTHETIC_TASKS)}, got {self.task!r}")
         else:
             _check(bool(self.path), "path", "a shard directory is required when source is 'shards'")
         _check(self.seq_len is None or self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
@@ -267,7 +275,7 @@ def _type_name(tp: Any) -> str:
         return "a mapping"
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"a mapping of {tp.__name__} keys"
     return getattr(tp, "__name__", str(tp))
 
@@ -293,7 +301,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
         raise bad
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad
         return _from_dict(tp, value, key)

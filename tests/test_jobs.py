@@ -14,8 +14,8 @@ import pytest
 def test_demo_end_to_end_then_reuse(ray_cluster, tmp_path, capsys):
     from jobs.demo import main
 
-    args = ["--steps", "12", "--num-sequences", "10000", "--data", str(tmp_path / "letters"), "--runs", str(tmp_path / "runs"),
-            "--out", str(tmp_path / "out")]
+    args = ["--steps", "12", "--num-sequences", "10000", "--data", str(tmp_path / "letters"),
+            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
     assert main(args) == 0
     out = capsys.readouterr().out
     report = (tmp_path / "out" / "report.md").read_text()
@@ -26,6 +26,10 @@ def test_demo_end_to_end_then_reuse(ray_cluster, tmp_path, capsys):
     assert rows["baseline"]["nll"] > 0 and math.isfinite(rows["FT kappa=1"]["nll"])
     assert rows["FT kappa=1"]["nll"] >= rows["FT kappa=1"]["ce_post"]  # the ELBO includes the KL
     assert rows["FT kappa=1"]["iwae"] <= rows["FT kappa=1"]["nll"] + 0.05  # IWAE-8 is no looser
+    ft = rows["FT kappa=1"]  # the plan test with its chance level, interval and spreads
+    # (12 steps: samples may all be invalid, leaving the figures NaN; tests/test_report.py pins them)
+    assert {"pos_agree_chance", "pos_agree_shared_ci95", "start_spread_fresh", "start_spread_shared"} <= set(ft)
+    assert "its chance level" in report and "pos_agree_chance" not in rows["baseline"]
     assert "one shared plan" in out and "z=[" in out
     served = report.split("## Served over HTTP (Ray Serve)")[1]  # the Serve step's section
     assert "| baseline | (no latent) |" in served and "| ft-kappa1 | one shared plan |" in served

@@ -83,6 +83,8 @@ def test_seed_api_example():
 def test_build_model_picks_the_class():
     assert type(build_model(tiny_cfg())) is FreeTransformer
     assert type(build_model(tiny_cfg(arch="baseline"))) is BaselineTransformer
+    for arch, latent in (("free_transformer", True), ("baseline", False)):  # one answer, two places
+        assert build_model(tiny_cfg(arch=arch)).has_latent is tiny_cfg(arch=arch).has_latent is latent
 
 
 def test_forward_z_validation():

@@ -42,6 +42,8 @@ class Encoder(nn.Module):
 
 
 class FreeTransformer(BaselineTransformer):
+    has_latent = True
+
     def _build(self, cfg: ModelConfig) -> None:
         super()._build(cfg)
         self.encoder = Encoder(cfg)

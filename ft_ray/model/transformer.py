@@ -12,6 +12,7 @@ prefill, fixed codes in a decode step). The FT only decides the plan (see plan.p
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +44,8 @@ class ModelOutput:
 
 
 class BaselineTransformer(nn.Module):
+    has_latent = False  # a latent plan Z (the Free Transformer's); cfg.has_latent says the same
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -110,7 +113,7 @@ class BaselineTransformer(nn.Module):
                     if p is not None)  # a Linear without bias registers None
         if self._decode_cache is None or self._decode_cache[0] != key:
             self._decode_cache = None  # free the stale copy before building the new one
-            self._decode_cache = (key, [pack_block(b) for b in self.blocks])
+            self._decode_cache = (key, [pack_block(typing.cast(Block, b)) for b in self.blocks])
         return self._decode_cache[1]
 
     def _rope_at(self, rows: CacheRows | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +181,7 @@ class BaselineTransformer(nn.Module):
     def make_caches(self, num_slots: int, max_len: int) -> list[KVCache]:
         """One `KVCache` per block: (num_slots, n_kv, max_len, hd) keys and values each."""
         p = self.embed.weight
+        assert self.cfg.num_key_value_heads is not None  # resolved by ModelConfig.__post_init__
         return [KVCache(num_slots, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim, p.dtype, p.device)
                 for _ in self.blocks]
 

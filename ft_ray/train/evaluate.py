@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ def batch_metrics(model, tokens: torch.Tensor, iwae_samples: int = 0) -> dict[st
     """Per-token metrics of one validation batch, nats. For the FT: `nll` is the ELBO (honest),
     `ce_post` the leaky CE with the encoder's Z (never a likelihood), `z_gap` = CE with random Z
     minus `ce_post` (> 0 when the decoder uses Z)."""
-    if not hasattr(model, "encoder"):
+    if not model.has_latent:
         return {"nll": model.nll(tokens).item()}
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     post = model(inputs)  # one posterior forward gives both the leaky CE and the ELBO
@@ -32,33 +33,78 @@ def batch_metrics(model, tokens: torch.Tensor, iwae_samples: int = 0) -> dict[st
     return out
 
 
-def score_group(bodies: list[str], letter: str) -> tuple[float, float | None]:
+def valid_starts(bodies: list[str], letter: str) -> tuple[float, list[int]]:
     """One group of letter-task bodies (64 characters each) from the same prompt: (the share of
-    valid samples, the share of valid samples whose run starts at the group's most common
-    position, or None with fewer than 2 valid samples)."""
+    valid samples, the start positions of the valid samples' runs)."""
     checks = [check_body(body, letter) for body in bodies]
-    starts = [c.start for c in checks if c.valid]
-    agree = float(np.unique(starts, return_counts=True)[1].max() / len(starts)) if len(starts) >= 2 else None
-    return float(np.mean([c.valid for c in checks])), agree
+    starts = [typing.cast(int, c.start) for c in checks if c.valid]  # a valid sample's run was found
+    return float(np.mean([c.valid for c in checks])), starts
+
+
+def modal_share(starts: list[int]) -> float | None:
+    """The share of `starts` at their most common value; None with fewer than 2."""
+    return float(np.unique(starts, return_counts=True)[1].max() / len(starts)) if len(starts) >= 2 else None
+
+
+def score_group(bodies: list[str], letter: str) -> tuple[float, float | None]:
+    """One group of letter-task bodies from the same prompt: (the share of valid samples, the share
+    of valid samples whose run starts at the group's most common position, or None with fewer
+    than 2 valid samples)."""
+    valid, starts = valid_starts(bodies, letter)
+    return valid, modal_share(starts)
+
+
+def chance_modal_share(pool: list[int], sizes: list[int], draws: int = 200, seed: int = 0) -> float:
+    """The mean modal share groups of `sizes` valid samples would show if their starts were drawn
+    independently from `pool` (the fresh-plan starts): the chance level of the shared-plan
+    agreement. It depends on the group sizes (~0.18 for 8 samples spread as the letter task's
+    runs are, ~0.5 for 2), so it is computed for the sizes actually observed."""
+    if not pool or not sizes:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    pool_arr = np.asarray(pool)
+    return float(np.mean([modal_share(rng.choice(pool_arr, n).tolist()) for n in sizes for _ in range(draws)]))
+
+
+def _ci95(values: list[float]) -> float:
+    """Half-width of a normal-approximation 95% interval of the mean over groups."""
+    return float(1.96 * np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) >= 2 else float("nan")
 
 
 @torch.no_grad()
 def letter_plan_eval(model, num_groups: int, group_size: int = 8, seed: int = 0) -> dict[str, float]:
     """Sample groups from letter prompts with fresh plans and with one shared plan per group.
-    Scores validity and how often a group's valid samples put the run at the group's most common
-    start position: with a shared plan this rises above the fresh-plan level when Z carries it."""
+
+    Per kind of group: `valid_*` (share of valid samples), `pos_agree_*` (share of a group's valid
+    samples whose run starts at the group's most common position; `_ci95` its interval over
+    groups), `start_spread_*` (standard deviation of the start within a group, positions). For an
+    FT, `pos_agree_chance` is what shared-plan groups of the observed sizes would score if their
+    starts were as independent as fresh ones: a shared plan carries the position when
+    `pos_agree_shared` is above it by more than the interval, and the Fig. 4 effect is
+    `start_spread_shared` much below `start_spread_fresh`."""
     device = next(model.parameters()).device
-    stats: dict[str, list[float]] = {k: [] for k in ("valid_fresh", "valid_shared", "pos_agree_fresh", "pos_agree_shared")}
+    kinds = ("fresh", "shared") if model.has_latent else ("fresh",)  # a baseline has no plan
+    valid: dict[str, list[float]] = {k: [] for k in kinds}
+    starts: dict[str, list[list[int]]] = {k: [] for k in kinds}
     for g in range(num_groups):
         letter = LETTERS[g % len(LETTERS)]
         prompt = torch.tensor([prompt_ids(letter)] * group_size, device=device)
-        for shared in (False, True) if hasattr(model, "encoder") else (False,):  # a baseline has no plan
+        for tag in kinds:
             gen = torch.Generator(device=device).manual_seed(seed * 1000 + g)
-            kwargs = dict(plan=seed * 1000 + g, shared_plan=True) if shared else {}
+            kwargs = dict(plan=seed * 1000 + g, shared_plan=True) if tag == "shared" else {}
             tokens = model.generate(prompt, 65, generator=gen, **kwargs)
-            valid, agree = score_group([decode(row[PROMPT_TOKENS:])[:64] for row in tokens.tolist()], letter)
-            tag = "shared" if shared else "fresh"
-            stats[f"valid_{tag}"].append(valid)
-            if agree is not None:
-                stats[f"pos_agree_{tag}"].append(agree)
-    return {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
+            v, s = valid_starts([decode(row[PROMPT_TOKENS:])[:64] for row in tokens.tolist()], letter)
+            valid[tag].append(v)
+            starts[tag].append(s)
+    out: dict[str, float] = {}
+    for tag in kinds:
+        agree = [a for a in map(modal_share, starts[tag]) if a is not None]
+        spread = [float(np.std(s)) for s in starts[tag] if len(s) >= 2]
+        out |= {f"valid_{tag}": float(np.mean(valid[tag])),
+                f"pos_agree_{tag}": float(np.mean(agree)) if agree else float("nan"),
+                f"pos_agree_{tag}_ci95": _ci95(agree),
+                f"start_spread_{tag}": float(np.mean(spread)) if spread else float("nan")}
+    if "shared" in kinds:
+        out["pos_agree_chance"] = chance_modal_share(sum(starts["fresh"], []),
+                                                     [len(s) for s in starts["shared"] if len(s) >= 2], seed=seed)
+    return out

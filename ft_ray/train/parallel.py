@@ -11,9 +11,12 @@ The model file knows nothing of this. With one worker and fp32, nothing is shard
 from __future__ import annotations
 
 import contextlib
+import typing
 
 import torch
 from torch import nn
+
+M = typing.TypeVar("M", bound=nn.Module)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -23,33 +26,40 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks (`model.blocks`), typed: nn.Module's attributes read as Tensor | Module."""
+    return typing.cast(nn.ModuleList, model.blocks)
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    for i, block in enumerate(model.blocks):
-        model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+    blocks = _blocks(model)
+    for i, block in enumerate(blocks):
+        blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
 
 
 def apply_compile(model: nn.Module) -> None:
-    for block in model.blocks:
+    for block in _blocks(model):
         block.compile()
 
 
 def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
-    last = len(model.blocks) - 1
-    for i, block in enumerate(model.blocks):
+    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
+          else MixedPrecisionPolicy())
+    last = len(_blocks(model)) - 1
+    for i, block in enumerate(_blocks(model)):
         # the last block's parameters are needed again right away by the backward: keep them
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < last)
-    if hasattr(model, "encoder"):
-        fully_shard(model.encoder, mesh=mesh, mp_policy=mp)
+    if model.has_latent:
+        fully_shard(typing.cast(nn.Module, model.encoder), mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, head, W
 
 
-def parallelize(model: nn.Module, world_size: int, device: torch.device, precision: str,
-                activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+def parallelize(model: M, world_size: int, device: torch.device, precision: str,
+                activation_checkpointing: bool = False, compile: bool = False) -> M:
     """Return the model ready for training on this worker (modified in place)."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)

@@ -32,7 +32,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ft_ray.config import Config, to_dict
 
@@ -81,7 +83,7 @@ def _artifact_root(uri: str) -> str | None:
 def flat_params(cfg: Config) -> dict[str, str]:
     """The resolved config as MLflow params: dotted keys, values as text."""
     def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
+        out: dict[str, str] = {}
         for k, v in tree.items():
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": str(v)})
         return out
@@ -93,7 +95,7 @@ def run_tags(cfg: Config, run_dir: Path) -> dict[str, str]:
     """Tags to filter and group runs by (the git commit is added by the background thread)."""
     m = cfg.model
     tags = {"arch": m.arch, "run_dir": str(run_dir)}
-    if m.arch == "free_transformer":
+    if m.has_latent:
         tags.update(latent_bits=str(m.latent_bits), kappa_bits=f"{m.free_bits:g}")
     return tags
 
@@ -138,7 +140,7 @@ class Tracker:
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
-    def log_artifacts(self, paths: list[str | Path]) -> None:
+    def log_artifacts(self, paths: Sequence[str | Path]) -> None:
         pass
 
     def close(self) -> None:
@@ -184,7 +186,7 @@ class MlflowTracker(Tracker):
             self.dropped += len(values)
         self.blocking_s += time.perf_counter() - t0
 
-    def log_artifacts(self, paths: list[str | Path]) -> None:
+    def log_artifacts(self, paths: Sequence[str | Path]) -> None:
         t0 = time.perf_counter()
         self._put(("artifacts", [Path(p) for p in paths]))
         self.blocking_s += time.perf_counter() - t0
@@ -244,7 +246,8 @@ class _Sender:
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
         self.params, self.tags, self.run_dir, self.warn = params, tags, run_dir, warn
         self.retry_s, self.send_every_s = retry_s, send_every_s
-        self.client = self.run_id = self._created = None
+        self.client: Any = None  # an MlflowClient once `_ensure_run` has made one (MLflow imports lazily)
+        self.run_id = self._created = None
         self.metrics: list[tuple] = []  # (key, value, timestamp ms, step) not sent yet
         self.artifacts: list[Path] = []
         self.failures, self.next_try = 0, 0.0  # next_try: after a failure, or the last send

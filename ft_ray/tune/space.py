@@ -52,7 +52,8 @@ COMMON_METRICS = {"loss", "ce", "lr", "grad_norm", "tokens_per_s", "step_ms", "d
                   "peak_mem_mib", "val_nll"}
 FT_METRICS = {"kl", "kl_bits", "kl_penalty", "val_ce_post", "val_ce_random_z", "val_z_gap", "val_kl",
               "val_kl_bits", "val_iwae", "val_valid_fresh", "val_valid_shared", "val_pos_agree_fresh",
-              "val_pos_agree_shared"}
+              "val_pos_agree_shared", "val_pos_agree_fresh_ci95", "val_pos_agree_shared_ci95",
+              "val_pos_agree_chance", "val_start_spread_fresh", "val_start_spread_shared"}
 DISTRIBUTIONS = {"grid", "choice", "uniform", "loguniform", "randint"}
 TOP_KEYS = {"name", "storage_path", "base", "space", "reference_arms", "metric", "mode", "scheduler",
             "num_samples", "resources", "max_concurrent_trials", "tracking"}
