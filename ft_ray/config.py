@@ -167,6 +167,12 @@ class DataConfig:
         _check(self.num_train_sequences >= 1, "num_train_sequences", "must be >= 1")
         _check(self.num_val_sequences >= 1, "num_val_sequences", "must be >= 1")
 
+    @property
+    def shards(self) -> Path:
+        """The shard directory of `source: shards` (checked to be set when the config was made)."""
+        _check(self.path is not None, "path", "a shard directory is required when source is 'shards'")
+        return Path(typing.cast(str, self.path))
+
 
 @dataclass
 class OptimConfig:

@@ -11,7 +11,6 @@ Workers consume them with `get_dataset_shard(split).iter_batches(...)` (see trai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -73,7 +72,7 @@ def synthetic_task_of(data: DataConfig) -> str | None:
     from ft_ray.data.shards import load_manifest
 
     try:
-        return load_manifest(data.path).get("task")
+        return load_manifest(data.shards).get("task")
     except DataError:
         return None
 
@@ -92,15 +91,15 @@ def resolve_data(data: DataConfig, model: ModelConfig, num_workers: int | None =
     else:
         from ft_ray.data.shards import validate_shards
 
-        manifest = validate_shards(data.path, vocab_size=model.vocab_size, seq_len=data.seq_len)
-        tokenizer = Path(data.path) / "tokenizer.json"
+        manifest = validate_shards(data.shards, vocab_size=model.vocab_size, seq_len=data.seq_len)
+        tokenizer = data.shards / "tokenizer.json"
         if not tokenizer.is_file():  # the bundle needs it at the end of training: say so now
             raise DataError(f"{tokenizer}: not found; the shards' tokenizer must sit beside manifest.json")
         info = DataInfo(seq_len=int(manifest["seq_len"]), vocab_size=int(manifest["vocab_size"]),
                         tokenizer_path=str(tokenizer))
         where = f"shards {data.path}"
         rows = {split: int(manifest["splits"][split]["num_sequences"]) for split in ("train", "val")}
-        row_keys = {split: f"{Path(data.path) / 'manifest.json'} splits.{split}" for split in rows}
+        row_keys = {split: f"{data.shards / 'manifest.json'} splits.{split}" for split in rows}
     if num_workers is not None:
         _check_split_sizes(rows, row_keys, data.batch_size, max(1, num_workers))
     if data.seq_len is not None and data.seq_len != info.seq_len:
@@ -140,8 +139,8 @@ def build_datasets(data: DataConfig, model: ModelConfig, info: DataInfo | None =
     else:
         from ft_ray.data.shards import load_manifest
 
-        manifest = load_manifest(data.path)
-        files = {split: [str(Path(data.path) / s["file"]) for s in manifest["splits"][split]["shards"]]
+        manifest = load_manifest(data.shards)
+        files = {split: [str(data.shards / s["file"]) for s in manifest["splits"][split]["shards"]]
                  for split in ("train", "val")}
         shuffle = ray.data.FileShuffleConfig(seed=data.shuffle_seed)  # reseeded every epoch
         datasets = {"train": ray.data.read_parquet(files["train"], shuffle=shuffle),

@@ -155,7 +155,8 @@ def _spool_stream(spec: CorpusSpec, work: WorkDir, progress: Callable[[str], Any
     work.hf.mkdir(parents=True)
     progress(f"reading {spec.source} on the driver into {work.hf} ...")
     stream = iter_documents(spec.source, spec.column, spec.max_doc_bytes)
-    pieces, first = [], 0
+    pieces: list[Piece] = []
+    first = 0
     while batch := _take_part(stream):
         path = work.hf / f"part-{len(pieces):05d}.parquet"
         pq.write_table(pa.table({"id": [d.id for d in batch], "text": [d.text for d in batch]}), path)
@@ -298,7 +299,8 @@ def _skipped(plan: SourcePlan, units: list[dict]) -> Skipped:
 
 def _segments(units: list[dict], num_buckets: int) -> dict[tuple[str, int], list[list]]:
     """(split, bucket) -> its [spool file, offset, num_tokens, num_docs] in unit order."""
-    return {(s, b): [[u["file"], *u["sections"][section_key(s, b)]] for u in units if section_key(s, b) in u["sections"]]
+    return {(s, b): [[u["file"], *u["sections"][section_key(s, b)]]
+                     for u in units if section_key(s, b) in u["sections"]]
             for s in SPLITS for b in range(num_buckets)}
 
 
@@ -327,7 +329,8 @@ def _pack(spec: CorpusSpec, work: WorkDir, manifest: Manifest, units: list[dict]
     todo = [(key, segs) for key, segs in segments.items() if segs]
     task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(pack_bucket)
     progress(f"packing {len(todo)} (split, bucket) streams into rows of {row_len} ...")
-    meter, pending = _Meter("buckets", len(todo), progress), {}
+    meter = _Meter("buckets", len(todo), progress)
+    pending: dict[Any, tuple[str, int]] = {}
     try:
         while todo or pending:
             while todo and len(pending) < workers:
@@ -350,7 +353,8 @@ def worker_stats(units: list[dict], parts: dict[tuple[str, int], dict]) -> dict[
     count with their original times)."""
     packs = [m for m in parts.values() if "seconds" in m]
     chars, seconds = sum(u["num_chars"] for u in units), sum(u["seconds"] for u in units)
-    return {"num_chars": chars, "tokenize_seconds": seconds, "tokenize_mb_per_s_per_worker": chars / 1e6 / max(seconds, 1e-9),
+    return {"num_chars": chars, "tokenize_seconds": seconds,
+            "tokenize_mb_per_s_per_worker": chars / 1e6 / max(seconds, 1e-9),
             "pack_seconds": sum(m["seconds"] for m in packs),
             "tokenizer_peak_rss_mb": max(u["peak_rss_mb"] for u in units),
             "pack_peak_rss_mb": max((m["peak_rss_mb"] for m in packs), default=0.0)}
@@ -365,7 +369,7 @@ def _report_workers(measured: dict, parts: dict[tuple[str, int], dict], progress
              f"MB, pack {measured['pack_peak_rss_mb']:.0f} MB")
     if stats is not None:
         stats.update(measured)
-    nodes = Counter()
+    nodes: Counter[str] = Counter()
     for meta in parts.values():
         if meta["shards"]:
             nodes[meta["node"]] += len(meta["shards"])

@@ -198,7 +198,7 @@ class _Sections:
 
     def _blocks(self, key: str, spilled: bool) -> Iterator[bytes | memoryview]:
         if not spilled:
-            yield from (memoryview(a).cast("B") for a in self.buffers[key])
+            yield from (a.data.cast("B") for a in self.buffers[key])
             return
         with open(self._path(key), "rb") as f:
             yield from iter(lambda: f.read(1 << 20), b"")
@@ -211,7 +211,7 @@ def pack_bucket(work: str, split: str, bucket: int, segments: list[list], row_le
                 shard_max_bytes: int, num_buckets: int) -> dict:
     """Pack one (split, bucket)'s stream, `segments` ([spool file, offset, num_tokens, num_docs]
     in unit order), into shards; a complete earlier attempt (marker + sha256) is kept."""
-    root, dtype = Path(work), np.dtype(dtype)
+    root, dt = Path(work), np.dtype(dtype)
     out, stem = root / "shards", shard_stem(split, bucket, num_buckets)
     marker_path = out / f"{stem}.json"
     marker = read_marker(marker_path, lambda m: [out / s["file"] for s in m["shards"]])
@@ -220,13 +220,13 @@ def pack_bucket(work: str, split: str, bucket: int, segments: list[list], row_le
     started, tmp = time.monotonic(), out / f".{stem}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        writer = _SplitWriter(tmp, split, row_len, dtype, shard_max_bytes, stem)
+        writer = _SplitWriter(tmp, split, row_len, dt, shard_max_bytes, stem)
         writer.num_documents = sum(s[3] for s in segments)
         for file, offset, count, _ in segments:
             for start in range(0, count, PACK_READ_TOKENS):
                 n = min(PACK_READ_TOKENS, count - start)
-                writer.add_stream(np.fromfile(root / "spool" / file, dtype, count=n,
-                                              offset=(offset + start) * dtype.itemsize))
+                writer.add_stream(np.fromfile(root / "spool" / file, dt, count=n,
+                                              offset=(offset + start) * dt.itemsize))
         result = writer.close()
         for shard in result["shards"]:
             os.replace(tmp / shard["file"], out / shard["file"])

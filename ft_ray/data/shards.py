@@ -164,6 +164,7 @@ class _SplitWriter:
 
     def _close_shard(self) -> None:
         path = self.out / self._name()
+        assert self.writer is not None  # called only with a shard open
         self.writer.close()
         self.shards.append({"file": path.name, "num_rows": self.rows_in_shard, "sha256": file_sha256(path)})
         self.bytes_written += path.stat().st_size
@@ -192,7 +193,7 @@ class _Progress:
         self.report, self.started = report, time.monotonic()
         self.last = self.started
 
-    def update(self, writers: dict[str, _SplitWriter]) -> None:
+    def update(self, writers: dict[Any, _SplitWriter]) -> None:
         now = time.monotonic()
         if now - self.last < PROGRESS_SECONDS:
             return

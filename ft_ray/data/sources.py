@@ -384,8 +384,10 @@ def _table_piece_documents(piece: Piece, column: str) -> Iterator[Document]:
     path = Path(piece.path)
     if piece.kind == "saved":
         ds = _load_saved(piece.path, column)
-        for a in range(piece.first_row, piece.first_row + piece.num_rows, TABLE_BATCH_ROWS):
-            b = min(a + TABLE_BATCH_ROWS, piece.first_row + piece.num_rows)
+        assert piece.num_rows is not None  # a saved dataset's pieces are row ranges
+        end = piece.first_row + piece.num_rows
+        for a in range(piece.first_row, end, TABLE_BATCH_ROWS):
+            b = min(a + TABLE_BATCH_ROWS, end)
             for row, value in enumerate(ds[a:b][column], a):
                 yield Document(f"row:{row}", _as_text(value, piece.path, column, row))
         return
