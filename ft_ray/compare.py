@@ -56,7 +56,8 @@ def arms(cfg_path: Path, overrides: list[str], kappas: list[float]) -> dict[str,
 
 
 def validation_rows(cfg: Config) -> torch.Tensor:
-    from ft_ray.data.pipeline import VAL_STREAM, synthetic_rows
+    from ft_ray.data.pipeline import VAL_STREAM
+    from ft_ray.data.synthetic import synthetic_rows
 
     if cfg.data.source == "synthetic":
         return torch.from_numpy(synthetic_rows(cfg.data.task, cfg.data.shuffle_seed, VAL_STREAM,

@@ -22,7 +22,6 @@ from ft_ray.data import tokenizer as tk
 from ft_ray.data.cli import main as data_main
 from ft_ray.data.errors import DataError
 from ft_ray.data.shards import (
-    derive_seed,
     read_split,
     rows_table,
     token_dtype,
@@ -31,6 +30,7 @@ from ft_ray.data.shards import (
     write_synthetic_shards,
 )
 from ft_ray.data.sources import Document, iter_documents, stdlib_files
+from ft_ray.seeds import derive_seed
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 EMAIL_GLOB = str(STDLIB / "email" / "*.py")  # ~20 real files
@@ -180,8 +180,10 @@ def test_synthetic_shards(syn):
     manifest = validate_shards(syn, vocab_size=len(letters.VOCAB), seq_len=67)
     assert manifest["dtype"] == "uint8" and len(manifest["splits"]["train"]["shards"]) == 3
     train, val = read_split(syn, "train"), read_split(syn, "val")
-    assert np.array_equal(train, synthetic.generate("letters", 100, derive_seed(0, "train", 0)))
-    assert np.array_equal(val, synthetic.generate("letters", 5, derive_seed(0, "val", 0)))
+    # the rows `data.source: synthetic` generates on the fly for the same seed (one seed scheme)
+    assert np.array_equal(train, synthetic.synthetic_rows("letters", 0, "train", np.arange(100)))
+    assert np.array_equal(val, synthetic.synthetic_rows("letters", 0, "val", np.arange(5)))
+    assert np.array_equal(train[:3], synthetic.generate("letters", 256, derive_seed(0, "train", 0))[:3])
     assert not np.array_equal(train[:5], val)
     loaded = Tokenizer.from_file(str(syn / "tokenizer.json"))
     for row in train[:20]:

@@ -22,8 +22,8 @@ from ft_ray.model.latent import (
     uniform_codes,
 )
 from ft_ray.model.layers import CacheRows, KVCache
-from ft_ray.model.plan import derive_seed, row_seed
 from ft_ray.model.sampling import filter_logits, sample_next
+from ft_ray.seeds import derive_seed, row_seed
 
 
 def tiny_cfg(**kw) -> ModelConfig:

@@ -8,8 +8,9 @@ import pytest
 
 from ft_ray.config import DataConfig, ModelConfig
 from ft_ray.data.errors import DataError
-from ft_ray.data.pipeline import TRAIN_STREAM, VAL_STREAM, build_datasets, synthetic_rows
+from ft_ray.data.pipeline import TRAIN_STREAM, VAL_STREAM, build_datasets
 from ft_ray.data.shards import read_split, write_synthetic_shards
+from ft_ray.data.synthetic import synthetic_rows
 
 MODEL = ModelConfig(vocab_size=64, hidden_dim=32, num_layers=2, num_heads=2, max_seq_len=128, latent_bits=3)
 

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from ft_ray.config import DataConfig, ModelConfig
 from ft_ray.data.errors import DataError
-from ft_ray.data.synthetic import get_task
+from ft_ray.data.synthetic import get_task, synthetic_rows
 
-TRAIN_STREAM, VAL_STREAM = 0, 1  # disjoint seed streams for the synthetic splits
+TRAIN_STREAM, VAL_STREAM = "train", "val"  # the synthetic splits' seed streams (synthetic_rows)
 
 
 @dataclass
@@ -28,36 +26,10 @@ class DataInfo:
     tokenizer_path: str | None  # tokenizer.json that decodes these ids (None: write the task's)
 
 
-ROWS_PER_CHUNK = 256  # rows generated together from one derived seed
-
-
-def synthetic_rows(task: str, seed: int, stream: int, row_ids) -> np.ndarray:
-    """Rows `row_ids` of a synthetic split: (n, seq_tokens), the smallest integer type that fits.
-
-    Row i is row i % 256 of chunk i // 256, and a chunk is generated from a seed derived from
-    (seed, stream, chunk): the rows depend only on their ids, never on how they are batched or
-    how many workers read them, and a chunk costs one random generator, not 256.
-    """
-    from ft_ray.data.letters import VOCAB
-
-    gen = get_task(task).generate
-    row_ids = np.asarray(row_ids, dtype=np.int64)
-    chunks, inverse = np.unique(row_ids // ROWS_PER_CHUNK, return_inverse=True)
-    out = None
-    for j, chunk in enumerate(chunks):
-        chunk_seed = int(np.random.SeedSequence([seed, stream, int(chunk)]).generate_state(1)[0])
-        rows = gen(ROWS_PER_CHUNK, chunk_seed)
-        if out is None:
-            out = np.empty((len(row_ids), rows.shape[1]), dtype=np.uint8 if len(VOCAB) <= 256 else np.int32)
-        mask = inverse == j
-        out[mask] = rows[row_ids[mask] % ROWS_PER_CHUNK]
-    return out if out is not None else np.empty((0, 0), np.uint8)
-
-
 class _SyntheticBatch:
     """map_batches function: {"id": ids} -> {"tokens": (n, seq_tokens)}."""
 
-    def __init__(self, task: str, seed: int, stream: int):
+    def __init__(self, task: str, seed: int, stream: str):
         self.task, self.seed, self.stream = task, seed, stream
 
     def __call__(self, batch: dict) -> dict:

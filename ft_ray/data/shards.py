@@ -53,7 +53,7 @@ from ft_ray.data.manifest import (  # noqa: F401  (re-exported)
     validate_shards,
 )
 from ft_ray.data.sources import Document, DocumentStream, Skipped
-from ft_ray.data.synthetic import Task, get_task
+from ft_ray.data.synthetic import Task, get_task, synthetic_rows
 from ft_ray.fsutil import atomic_directory
 
 SPLITS = ("train", "val")
@@ -63,7 +63,7 @@ ROW_GROUP_BYTES = 4 << 20  # rows buffered in memory between writes
 PROGRESS_SECONDS = 10.0
 ENCODE_BATCH_DOCS = 64  # documents tokenized per encode_batch call ...
 ENCODE_BATCH_CHARS = 1 << 20  # ... or fewer: a batch's encodings cost ~100 bytes per character
-SYNTHETIC_CHUNK_ROWS = 8192  # rows generated per seed: data does not depend on the shard size
+SYNTHETIC_CHUNK_ROWS = 8192  # rows generated and written at a time (their seeds: synthetic_rows)
 MAX_LIST_VALUES = 2**31 - 1  # int32 list offsets bound the values in one shard
 MAX_BUCKETS = 1024  # file names carry the bucket in 4 digits
 
@@ -376,18 +376,14 @@ def check_corpus_splits(splits: dict[str, Any], source: str, seq_len: int, num_b
                         f"{seq_len + 1} tokens, so no sequence could be written")
 
 
-def derive_seed(seed: int, split: str, chunk: int) -> int:
-    """Independent 63-bit seeds per (seed, split, chunk): train and val never share a stream."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{split}/{chunk}".encode()).digest()[:8], "big") >> 1
-
-
 def write_synthetic_shards(task: str, num_sequences: int, seed: int, out_dir: str | Path,
                            val_fraction: float = 0.05, shard_max_bytes: int = SHARD_MAX_BYTES,
                            progress: Callable[[str], Any] = print, overwrite: bool = False) -> Manifest:
     """`num_sequences` train rows plus round(num_sequences * val_fraction) validation rows.
 
-    Rows are generated in fixed chunks with derived seeds, so a larger set starts with the
-    rows of a smaller one, whatever the shard size.
+    Row i of a split is `synthetic_rows(task, seed, split, [i])`: the rows training generates on
+    the fly with `data.source: synthetic` and the same `data.shuffle_seed`, and a larger set
+    starts with the rows of a smaller one, whatever the shard size.
     """
     spec = get_task(task)
     if num_sequences < 1:
@@ -399,7 +395,7 @@ def write_synthetic_shards(task: str, num_sequences: int, seed: int, out_dir: st
     counts = {"train": num_sequences, "val": round(num_sequences * val_fraction)}
     meter = _Progress(progress)
     with atomic_directory(out) as tmp:
-        manifest["splits"] = {split: _write_synthetic_split(spec, split, count, seed, tmp, manifest,
+        manifest["splits"] = {split: _write_synthetic_split(task, spec, split, count, seed, tmp, manifest,
                                                             shard_max_bytes, meter)
                               for split, count in counts.items()}
         _save(tmp, manifest, tok, out, overwrite)
@@ -407,12 +403,12 @@ def write_synthetic_shards(task: str, num_sequences: int, seed: int, out_dir: st
     return manifest
 
 
-def _write_synthetic_split(spec: Task, split: str, count: int, seed: int, tmp: Path,
+def _write_synthetic_split(task: str, spec: Task, split: str, count: int, seed: int, tmp: Path,
                            manifest: Manifest, shard_max_bytes: int, meter: _Progress) -> dict[str, Any]:
     dtype = token_dtype(manifest["vocab_size"])
     writer = _SplitWriter(tmp, split, spec.seq_tokens, dtype, shard_max_bytes)
-    for chunk, start in enumerate(range(0, count, SYNTHETIC_CHUNK_ROWS)):
-        rows = spec.generate(min(SYNTHETIC_CHUNK_ROWS, count - start), derive_seed(seed, split, chunk))
+    for start in range(0, count, SYNTHETIC_CHUNK_ROWS):
+        rows = synthetic_rows(task, seed, split, np.arange(start, min(start + SYNTHETIC_CHUNK_ROWS, count)))
         writer.add_rows(rows)
         writer.num_documents += len(rows)  # one sequence is one document
         meter.update({split: writer})

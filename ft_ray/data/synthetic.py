@@ -22,6 +22,7 @@ import numpy as np
 
 from ft_ray.data import arith, letters
 from ft_ray.data.errors import DataError
+from ft_ray.seeds import derive_seed
 
 MODE_PATTERNS = ("ab" * 8, "aabb" * 4, "abcd" * 4, "aaaabbbb" * 2)  # mode m writes pattern m
 NUM_MODES = len(MODE_PATTERNS)
@@ -81,3 +82,27 @@ def get_task(name: str) -> Task:
 def generate(task: str, num: int, seed: int) -> np.ndarray:
     """`num` sequences of `task` as token ids (num, seq_tokens) int64, deterministic in `seed`."""
     return get_task(task).generate(num, seed)
+
+
+ROWS_PER_CHUNK = 256  # rows generated together from one derived seed
+
+
+def synthetic_rows(task: str, seed: int, split: str, row_ids) -> np.ndarray:
+    """Rows `row_ids` of a synthetic split: (n, seq_tokens), the smallest integer type that fits.
+
+    Row i is row i % 256 of chunk i // 256, generated from `derive_seed(seed, split, chunk)`: the
+    rows depend only on (task, seed, split, id), never on how they are batched, how many workers
+    read them, or whether they are generated on the fly (`data.source: synthetic`) or written as
+    shards (`ft-ray data synthetic`): both give the same rows for the same seed.
+    """
+    gen = get_task(task).generate
+    row_ids = np.asarray(row_ids, dtype=np.int64)
+    chunks, inverse = np.unique(row_ids // ROWS_PER_CHUNK, return_inverse=True)
+    out = None
+    for j, chunk in enumerate(chunks):
+        rows = gen(ROWS_PER_CHUNK, derive_seed(seed, split, int(chunk)))
+        if out is None:
+            out = np.empty((len(row_ids), rows.shape[1]), dtype=np.uint8 if len(letters.VOCAB) <= 256 else np.int32)
+        mask = inverse == j
+        out[mask] = rows[row_ids[mask] % ROWS_PER_CHUNK]
+    return out if out is not None else np.empty((0, 0), np.uint8)

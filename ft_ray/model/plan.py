@@ -15,26 +15,15 @@ then have the same prompt, since the prompt's Z is sampled from one posterior).
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING
 
 import torch
 
 from ft_ray.model.latent import sample_codes, uniform_codes
+from ft_ray.seeds import derive_seed, row_seed  # noqa: F401  (derive_seed: re-exported)
 
 if TYPE_CHECKING:
     from ft_ray.model.free_transformer import FreeTransformer
-
-
-def derive_seed(seed: int, key: int | str) -> int:
-    """A 63-bit seed derived from (seed, key); the same in every process (unlike hash())."""
-    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def row_seed(seed: int, index: int) -> int:
-    """The seed of row `index` of a group seeded with `seed`: the seed itself for row 0."""
-    return seed if index == 0 else derive_seed(seed, index)
 
 
 def seeded_generators(seeds: list[int], device: torch.device | str) -> list[torch.Generator]:

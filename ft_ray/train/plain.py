@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ft_ray.config import Config, from_dict, to_dict
-from ft_ray.data.pipeline import TRAIN_STREAM, VAL_STREAM, synthetic_rows
+from ft_ray.data.pipeline import TRAIN_STREAM, VAL_STREAM
+from ft_ray.data.synthetic import synthetic_rows
 
 
 def _rows(cfg: Config, split: str, rank: int, world: int, batch_size: int) -> Iterator[torch.Tensor]:
