@@ -133,13 +133,13 @@ def ingest_tokens_per_s(tmp: Path) -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from bench.ingest_probe import probe_loop
     from ft_ray.data.pipeline import build_datasets
-    from ft_ray.train.probe import ingest_probe_loop
 
     cfg = _cfg(tmp, "ingest", 1, "data.num_train_sequences=20000")
     datasets, _ = build_datasets(cfg.data, cfg.model)
     result = TorchTrainer(
-        ingest_probe_loop, train_loop_config={"batch_size": 16},
+        probe_loop(), train_loop_config={"batch_size": 16},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(storage_path=str(tmp), name="ingest"), datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"])).fit()

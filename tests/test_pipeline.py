@@ -41,11 +41,11 @@ def _collect_per_worker(data: DataConfig, out_dir, num_workers: int = 2, batch_s
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ft_ray.train.probe import ingest_probe_loop
+    from bench.ingest_probe import probe_loop
 
     datasets, _ = build_datasets(data, MODEL)
     TorchTrainer(
-        ingest_probe_loop,
+        probe_loop(),
         train_loop_config={"batch_size": batch_size, "out_dir": str(out_dir), "epochs": epochs},
         scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(storage_path=str(out_dir), name="probe"),

@@ -1,6 +1,8 @@
 """A Ray Train loop that only consumes data: what each worker receives, and how fast.
 
-Used by the tests (disjoint, complete epochs across workers) and by the ingest benchmark.
+Used by the ingest benchmark and the tests (disjoint, complete epochs across workers). Scaffolding,
+not part of the package: `probe_loop()` returns the loop registered with cloudpickle by value, so
+Ray Train workers run it without importing `bench`.
 """
 
 from __future__ import annotations
@@ -44,3 +46,13 @@ def ingest_probe_loop(config: dict) -> dict:
              "wait_frac": wait / elapsed}
     ray.train.report({"stats": json.dumps(stats)})
     return stats
+
+
+def probe_loop():
+    """`ingest_probe_loop`, pickled by value (the workers need not find this module)."""
+    import sys
+
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return ingest_probe_loop
