@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description=runner.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     runner.add_arguments(sweep)
     sweep.set_defaults(func=runner.run)
+    from ft_ray.eval import cli as eval_cli
+
+    ev = sub.add_parser("eval", help="lm-eval tasks over bundles and plan seeds on Ray, with a report",
+                        description=eval_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    eval_cli.add_arguments(ev)
+    ev.set_defaults(func=eval_cli.run)
     from ft_ray.serve import cli as serve_cli
 
     srv = sub.add_parser("serve", help="serve model bundles over HTTP with Ray Serve", description=serve_cli.__doc__)

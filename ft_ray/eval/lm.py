@@ -1,3 +1,4 @@
+# ruff: noqa: E402
 """The lm-evaluation-harness model `ft-ray`: a serving bundle scored honestly (scoring.py).
 
     import ft_ray.eval.lm  # registers "ft-ray"
@@ -22,6 +23,12 @@ left (a warning counts them). A baseline bundle is scored exactly (K plays no pa
 """
 
 from __future__ import annotations
+
+import os
+
+# before lm-eval imports datasets (see ft_ray/eval/__init__.py); the imports below come after it
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import logging
 from collections import Counter

@@ -12,6 +12,8 @@ Tasks (tag `ftray`):
 The arithmetic problems are those the `arith` synthetic task never trains on (ft_ray/data/arith.py),
 so a model trained with `ft-ray data synthetic --task arith` is scored on held-out problems.
 The YAML templates (templates/) get the data directory written into `dataset_kwargs.data_files`.
+Presets (`ft-ray eval --tasks`): `ftray`, the four above; `paper`, the paper's downstream tasks as
+lm-eval names them (PAPER_TASKS), which read the Hugging Face hub.
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ from ft_ray.eval import EvalError
 
 TAG = "ftray"
 TASK_NAMES = ("ftray_arith_gen", "ftray_arith_choice", "ftray_arith_ppl", "ftray_letters")
+# The paper's downstream tasks, as lm-eval names them: the five its text names (HumanEval+, MBPP,
+# GSM8K, MMLU, CSQA) and the multiple-choice suite we read in its tables (not checked against
+# the paper here). They read the Hugging Face dataset hub: not runnable offline. humaneval_plus and
+# mbpp execute generated code (lm-eval's confirm_run_unsafe_code).
+PAPER_TASKS = ("humaneval_plus", "mbpp", "gsm8k", "mmlu", "commonsense_qa", "hellaswag", "winogrande",
+               "arc_easy", "arc_challenge", "openbookqa", "piqa", "social_iqa", "race")
+CODE_TASKS = ("humaneval_plus", "mbpp")  # of those, the ones that execute generated code
+PRESETS = {"paper": PAPER_TASKS, TAG: TASK_NAMES}  # names that expand to a task list
+# Accuracy of a uniform guess, for the tasks that have one (multiple choice: 1 / number of choices)
+CHANCE_ACCURACY = {"ftray_arith_choice": 0.25, "mmlu": 0.25, "commonsense_qa": 0.2, "hellaswag": 0.25,
+                   "winogrande": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "openbookqa": 0.25,
+                   "piqa": 0.5, "social_iqa": 1 / 3, "race": 0.25}
 NUM_CHOICES = 4
 LETTER_DOCS_PER_LETTER = 2
 PLACEHOLDER = "@DATA_DIR@"
@@ -102,11 +116,12 @@ def write_task_data(out_dir: str | Path, seed: int = 0) -> Path:
 
 
 # ------------------------------------------------------------------------------- running
-def task_manager(include_path: str | Path):
-    """lm-eval's TaskManager over `include_path` alone (the built-in tasks need the hub)."""
+def task_manager(include_path: str | Path, include_defaults: bool = False):
+    """lm-eval's TaskManager over `include_path`, plus lm-eval's built-in tasks (which need the
+    hub, and take ~20 s to index) when `include_defaults`."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(include_path), include_defaults=False)
+    return TaskManager(include_path=str(include_path), include_defaults=include_defaults)
 
 
 def check_tasks(names: list[str], manager) -> None:
@@ -118,12 +133,13 @@ def check_tasks(names: list[str], manager) -> None:
 
 
 def evaluate_tasks(lm, names: list[str], include_path: str | Path, limit: int | float | None = None,
-                   seed: int = 0, **kwargs) -> dict:
-    """lm_eval.simple_evaluate on the suite at `include_path` (see write_task_data); `kwargs`
-    go to simple_evaluate (e.g. bootstrap_iters, log_samples). Returns its results dict."""
+                   seed: int = 0, include_defaults: bool = False, **kwargs) -> dict:
+    """lm_eval.simple_evaluate on the suite at `include_path` (see write_task_data), and on
+    lm-eval's built-in tasks when `include_defaults`; `kwargs` go to simple_evaluate (e.g.
+    bootstrap_iters, log_samples). Returns its results dict."""
     import lm_eval
 
-    manager = task_manager(include_path)
+    manager = task_manager(include_path, include_defaults)
     check_tasks(list(names), manager)
     return lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=limit,
                                    random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
