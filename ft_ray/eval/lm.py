@@ -118,6 +118,8 @@ class FtRayLM(LM):
             raise EvalError("give either bundle=PATH or an in-memory model and tokenizer")
         if bundle is not None:
             model, tokenizer = load_eval_bundle(bundle, device or "cpu")
+        if model is None or tokenizer is None:
+            raise EvalError("an in-memory model needs its tokenizer (tokenizer=...)")
         self.model, self.tokenizer = model.eval(), tokenizer
         tokenizer.encode_special_tokens = True  # a literal "<eos>" in a document is text
         self.eos_id, bos = eos_id(tokenizer), bos_id(tokenizer)
@@ -184,7 +186,7 @@ class FtRayLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """The prompt's Z from the encoder over the prompt, new Z from the prior (as the paper);
         greedy unless do_sample. Repeats of one request get plans j = 0, 1, ... (see plan_mode)."""
-        jobs, seen, cut = [], Counter(), 0
+        jobs, seen, cut = [], Counter[str](), 0
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
             job, truncated = self._job(i, context, gen_kwargs, seen)
@@ -241,7 +243,7 @@ class FtRayLM(LM):
                                                     torch.Generator(self.device).manual_seed(j.seed))
                                  for b, j in enumerate(jobs)])
         gen = torch.Generator(self.device).manual_seed(derive_seed(first.seed, "sample"))
-        seq, texts = prompts, [""] * len(jobs)
+        seq, texts = prompts, ("",) * len(jobs)
         while seq.shape[1] < total:
             step = min(GEN_CHUNK, total - seq.shape[1])
             plan = None if codes is None else codes[:, :seq.shape[1] + step]
