@@ -217,6 +217,11 @@ class TrainConfig:
     eval_batches: int = 8  # validation batches per pass per worker
     iwae_samples: int = 0  # > 1: also report the IWAE bound with this many samples
     sample_groups: int = 4  # letter task: prompts whose sample groups are scored at each eval
+    # downstream tasks of the offline suite (ft_ray/eval/tasks: ftray_arith_choice, ...) scored by
+    # rank 0 through lm-eval at each eval, reported as eval/<task>/<metric> (a sweep's objective)
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_task_limit: int = 100  # documents per task and evaluation
+    eval_task_num_plans: int = 4  # K prior plans per Free Transformer score (ft_ray/eval/scoring.py)
     checkpoint_every: int = 200  # steps between checkpoints (and at the end)
     num_to_keep: int = 2
     max_failures: int = 0  # worker-group restarts from the last checkpoint
@@ -246,6 +251,13 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
         _check(self.iwae_samples >= 0, "iwae_samples", f"must be >= 0, got {self.iwae_samples}")
         _check(self.sample_groups >= 0, "sample_groups", f"must be >= 0, got {self.sample_groups}")
+        from ft_ray.eval.tasks import TASK_NAMES  # the offline suite: no hub during training
+
+        unknown = [t for t in self.eval_tasks if t not in TASK_NAMES]
+        _check(not unknown, "eval_tasks", f"unknown task(s) {', '.join(map(repr, unknown))}: expected tasks of the "
+                                          f"offline suite ({', '.join(TASK_NAMES)})")
+        _check(self.eval_task_limit >= 1, "eval_task_limit", f"must be >= 1, got {self.eval_task_limit}")
+        _check(self.eval_task_num_plans >= 1, "eval_task_num_plans", f"must be >= 1, got {self.eval_task_num_plans}")
         _check(self.worker_niceness is None or 0 <= self.worker_niceness <= 19, "worker_niceness",
                f"must be a niceness from 0 to 19 (or null for Ray's default), got {self.worker_niceness}")
         _check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")

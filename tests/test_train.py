@@ -3,6 +3,7 @@ and the checks that refuse bad input before any worker starts."""
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import subprocess
@@ -187,6 +188,23 @@ def test_bundle_write_is_atomic_and_incomplete_bundle_refused(tmp_path):
 
 
 @pytest.mark.timeout(240)
+def test_downstream_tasks_are_scored_at_each_evaluation_and_reported(ray_cluster, tmp_path):
+    """train.eval_tasks: lm-eval on the offline suite at each evaluation, in eval.csv and in the
+    run's result as eval/<task>/<metric> (what a sweep may optimise)."""
+    from ft_ray.eval.tasks import TASK_METRICS
+    from ft_ray.train.trainer import fit
+
+    result = fit(smoke_cfg(tmp_path, "downstream", "train.num_workers=0", "train.max_steps=2", "train.eval_every=1",
+                           "train.eval_tasks=[ftray_arith_choice,ftray_letters]", "train.eval_task_limit=4",
+                           "train.eval_task_num_plans=2"))
+    names = [f"eval/{t}/{m}" for t in ("ftray_arith_choice", "ftray_letters") for m in TASK_METRICS[t]]
+    final = result.return_value
+    assert all(0 <= final[n] <= 1 for n in names), final
+    rows = list(csv.DictReader((tmp_path / "downstream" / "eval.csv").open()))
+    assert [r["step"] for r in rows] == ["1", "2"] and all(n in rows[0] for n in names)
+    assert 0 <= float(rows[-1]["eval/ftray_arith_choice/acc"]) <= 1
+
+
 def test_two_worker_step_equals_in_process_step(ray_cluster, tmp_path):
     """8 sequences, one step: 2 workers x 4 rows under Ray Train (FSDP2) vs the same loop
     in-process (local mode) on all 8 rows: the same parameters."""

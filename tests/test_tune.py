@@ -256,6 +256,17 @@ def test_metric_must_be_reported_by_every_arm(tmp_path):
     assert load_space(_space(tmp_path, metric="val_z_gap")).metric == "val_z_gap"  # FT-only sweep: fine
 
 
+def test_a_downstream_metric_is_an_objective_when_the_base_evaluates_its_task(tmp_path):
+    metric = "eval/ftray_arith_choice/acc"
+    with pytest.raises(ConfigError, match="eval/ftray_arith_choice/acc"):
+        load_space(_space(tmp_path, metric=metric, mode="max"))  # no train.eval_tasks: never reported
+    base = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())["base"]
+    base["overrides"] = [*base.get("overrides", []), "train.eval_tasks=[ftray_arith_choice]"]
+    assert load_space(_space(tmp_path, metric=metric, mode="max", base=base)).metric == metric
+    with pytest.raises(ConfigError, match="acc_nrom"):
+        load_space(_space(tmp_path, metric="eval/ftray_arith_choice/acc_nrom", mode="max", base=base))
+
+
 def test_shipped_spaces_are_valid():
     sizes = {p.stem: len(load_space(p).grid_arms()) for p in (ROOT / "tune_spaces").glob("*.yaml")}
     assert sizes == {"smoke": 2, "latent_free_bits": 25, "seeds": 6}

@@ -98,7 +98,9 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{kind}/{k}", v, step)
             self._tb.flush()
         prefix = TRACKED_PREFIX.get(kind, f"{kind}_")
-        self.tracker.log_metrics(step, {f"{prefix}{k}": v for k, v in row.items() if k != "step"})
+        # downstream metrics (eval/<task>/<metric>) keep their names, as the run reports them
+        self.tracker.log_metrics(step, {k if k.startswith("eval/") else f"{prefix}{k}": v
+                                        for k, v in row.items() if k != "step"})
 
     def close(self) -> None:
         if self._tb is not None:

@@ -24,7 +24,8 @@ from ft_ray.train.checkpoint import CheckpointError, damaged_checkpoints, quaran
 # how it is placed on the cluster (DCP reshards when the number of workers changes)
 SAFE_TO_CHANGE = tuple(f"train.{k}" for k in (
     "name", "storage_path", "max_steps", "log_every", "eval_every", "eval_batches", "iwae_samples",
-    "sample_groups", "checkpoint_every", "num_to_keep", "max_failures", "num_workers", "use_gpu",
+    "sample_groups", "eval_tasks", "eval_task_limit", "eval_task_num_plans",
+    "checkpoint_every", "num_to_keep", "max_failures", "num_workers", "use_gpu",
     "cpus_per_worker", "precision", "activation_checkpointing", "compile", "worker_niceness",
     "export_bundle", "tracking", "tracking_experiment", "tracking_log_weights",
 )) + ("data.path",)  # where the shards are may change; what they hold may not

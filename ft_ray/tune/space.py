@@ -297,12 +297,16 @@ def _parse_base(path: Path, base: Any) -> tuple[Path, list[str]]:
 
 
 def _check_metric(spec: SweepSpec) -> None:
+    from ft_ray.eval.tasks import TASK_METRICS
+
     try:
-        base_arch = load_config(spec.base_config, spec.base_overrides).model.arch
+        base = load_config(spec.base_config, spec.base_overrides)
     except ConfigError as e:
         raise _err(spec.path, f"base.overrides: {e.key}", e.detail) from None
-    arches = {arm.get("model.arch", base_arch) for arm in spec.grid_arms()}
+    arches = {arm.get("model.arch", base.model.arch) for arm in spec.grid_arms()}
     known = COMMON_METRICS | (FT_METRICS if arches == {"free_transformer"} else set())
+    # downstream metrics of the base's train.eval_tasks (eval/<task>/<metric>, not prefixed val_)
+    known |= {f"eval/{task}/{m}" for task in base.train.eval_tasks for m in TASK_METRICS[task]}
     if spec.metric not in known:
         raise _err(spec.path, "metric", f"the trainer does not report {spec.metric!r} for every trial "
                                         f"(reported: {', '.join(sorted(known))})")

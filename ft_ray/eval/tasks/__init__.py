@@ -30,6 +30,9 @@ from ft_ray.eval import EvalError
 
 TAG = "ftray"
 TASK_NAMES = ("ftray_arith_gen", "ftray_arith_choice", "ftray_arith_ppl", "ftray_letters")
+# what each reports (summary.metric_values names), e.g. as a sweep's objective eval/<task>/<metric>
+TASK_METRICS = {"ftray_arith_gen": ("exact_match",), "ftray_arith_choice": ("acc", "acc_norm"),
+                "ftray_arith_ppl": ("byte_perplexity", "bits_per_byte"), "ftray_letters": ("valid",)}
 # The paper's downstream tasks, as lm-eval names them: the five its text names (HumanEval+, MBPP,
 # GSM8K, MMLU, CSQA) and the multiple-choice suite we read in its tables (not checked against
 # the paper here). They read the Hugging Face dataset hub: not runnable offline. humaneval_plus and
