@@ -9,7 +9,7 @@ import time
 
 from bench.common import RESULTS_DIR, format_table, machine, write_results
 
-SUITES = ["bench_model", "bench_data", "bench_train", "bench_serve", "bench_tune"]
+SUITES = ["bench_model", "bench_data", "bench_train", "bench_serve", "bench_scoring", "bench_tune"]
 
 
 def main() -> None:

@@ -383,7 +383,7 @@ def test_openai_defaults_and_token_id_prompts(server, engines):
     body = {"model": "ft", "prompt": "ab", "max_tokens": 6, "seed": 2, "temperature": 0.7}
     plain = _post(server, body)
     assert _post(server, {**body, **defaults})["choices"][0]["text"] == plain["choices"][0]["text"]
-    for key, value in (("logprobs", 3), ("echo", True), ("best_of", 2), ("presence_penalty", 0.5)):
+    for key, value in (("best_of", 2), ("presence_penalty", 0.5)):  # logprobs, echo: test_serve_scoring.py
         r = server.post("/v1/completions", json={**body, key: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == key
     r = server.post("/v1/completions", json={**body, "stream_options": {"include_usage": True}})

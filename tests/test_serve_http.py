@@ -67,7 +67,9 @@ def test_openai_fields_at_their_defaults_only():
     check_openai_fields({"logprobs": None, "echo": False, "best_of": 1, "suffix": None, "logit_bias": {},
                          "presence_penalty": 0, "frequency_penalty": 0.0, "stream": True,
                          "stream_options": {"include_usage": True}})
-    for body, field in (({"logprobs": 1}, "logprobs"), ({"echo": True}, "echo"), ({"best_of": 3}, "best_of"),
+    check_openai_fields({"logprobs": 2, "echo": True})  # scoring: checked with the request
+    for body, field in (({"logprobs": 1, "stream": True}, "logprobs"), ({"echo": True, "stream": True}, "echo"),
+                        ({"best_of": 3}, "best_of"),
                         ({"suffix": "x"}, "suffix"), ({"stream": 1}, "stream"),
                         ({"stream_options": {"include_usage": True}}, "stream_options"),
                         ({"stream": True, "stream_options": {"usage": 1}}, "stream_options")):

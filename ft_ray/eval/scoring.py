@@ -173,36 +173,95 @@ def _plan(items: list[ScoreItem], k: int, width: int, device) -> torch.Tensor | 
     return z.to(device)
 
 
-@torch.no_grad()
-def _score_batch(model, items: list[ScoreItem]) -> list[Score]:
-    device = model.embed.weight.device
-    tokens, lengths = _batch(items, device)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
-    B, T = inputs.shape
-    num_plans = 1 if items[0].codes is None else items[0].codes.shape[0]
-    valid = torch.arange(T, device=device)[None] < lengths[:, None]  # (B, T)
-    prefix, mix = [], None
-    for k in range(num_plans):
-        z = _plan(items, k, T, device)
-        logp = F.log_softmax(model(inputs, z=z).logits.float(), dim=-1)  # (B, T, V)
-        lp = logp.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~valid, 0.0)  # (B, T)
+class PlanScorer:
+    """The estimator of the module docstring for one batch of items, run plan by plan: `add(k)`
+    runs plan k of every item (one forward), `scores()` once all plans ran. `score` runs all
+    plans at once; the serving engine runs a few per scheduler step, so a long scoring job never
+    holds up generation for long. Both give the same numbers: the same operations in the same
+    order. Items must have the same number of plans."""
+
+    def __init__(self, model, items: list[ScoreItem]):
+        self.model, self.items = model, items
+        self.device = model.embed.weight.device
+        tokens, self.lengths = _batch(items, self.device)
+        self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
+        self.num_plans = 1 if items[0].codes is None else items[0].codes.shape[0]
+        T = self.inputs.shape[1]
+        self.valid = torch.arange(T, device=self.device)[None] < self.lengths[:, None]  # (B, T)
+        self.prefix: list[torch.Tensor] = []  # per plan run so far: (B, T+1) w + L(j)
+        self.mix: torch.Tensor | None = None  # (B, T, V) plan-averaged predictive, unnormalised
+
+    @property
+    def num_tokens(self) -> int:
+        """Input positions one plan runs through the model (the batch's padded width)."""
+        return self.inputs.numel()
+
+    @property
+    def done(self) -> bool:
+        return len(self.prefix) == self.num_plans
+
+    @torch.no_grad()
+    def add(self, k: int) -> None:
+        """Run plan k (plans must come in order 0, 1, ...)."""
+        if k != len(self.prefix):
+            raise ValueError(f"plan {k} out of order: {len(self.prefix)} plans ran so far")
+        items, device = self.items, self.device
+        z = _plan(items, k, self.inputs.shape[1], device)
+        logp = F.log_softmax(self.model(self.inputs, z=z).logits.float(), dim=-1)  # (B, T, V)
+        lp = logp.gather(-1, self.targets[..., None]).squeeze(-1).masked_fill(~self.valid, 0.0)  # (B, T)
         w = torch.tensor([0.0 if it.log_weight is None else float(it.log_weight[k]) for it in items],
                          dtype=torch.float64, device=device)
         run = torch.cat([w[:, None], w[:, None] + lp.double().cumsum(-1)], dim=1)  # (B, T+1): w + L(j)
-        prefix.append(run)
+        self.prefix.append(run)
         # the plan-averaged predictive, unnormalised: weights relative to plan 0 keep fp32 exact enough
-        cand = (run[:, :-1] - prefix[0][:, :-1]).float()[..., None] + logp  # (B, T, V)
-        mix = cand if mix is None else torch.logaddexp(mix, cand)
-    lme = torch.logsumexp(torch.stack(prefix), dim=0) - math.log(num_plans)  # (B, T+1) running LME
-    steps = (lme[:, 1:] - lme[:, :-1]).cpu()  # (B, T) per-token logprobs
-    greedy = (mix.argmax(-1) == targets).cpu()  # (B, T)
-    out = []
-    for b, it in enumerate(items):
-        end = len(it.tokens) - 1
-        start = end - it.num_scored
-        out.append(Score(float(lme[b, end] - lme[b, start]), steps[b, start:end].tolist(),
-                         bool(greedy[b, start:end].all())))
-    return out
+        cand = (run[:, :-1] - self.prefix[0][:, :-1]).float()[..., None] + logp  # (B, T, V)
+        self.mix = cand if self.mix is None else torch.logaddexp(self.mix, cand)
+
+    def _lme(self) -> torch.Tensor:
+        if not self.done:
+            raise ValueError(f"{len(self.prefix)} of {self.num_plans} plans ran")
+        return torch.logsumexp(torch.stack(self.prefix), dim=0) - math.log(self.num_plans)  # (B, T+1)
+
+    def scores(self) -> list[Score]:
+        lme = self._lme()  # running LME
+        steps = (lme[:, 1:] - lme[:, :-1]).cpu()  # (B, T) per-token logprobs
+        greedy = (self.mix.argmax(-1) == self.targets).cpu()  # (B, T)
+        out = []
+        for b, it in enumerate(self.items):
+            end = len(it.tokens) - 1
+            start = end - it.num_scored
+            out.append(Score(float(lme[b, end] - lme[b, start]), steps[b, start:end].tolist(),
+                             bool(greedy[b, start:end].all())))
+        return out
+
+    def top_logprobs(self, num: int) -> list[list[list[tuple[int, float]]]]:
+        """Per item, per scored token: the `num` most likely tokens at its position under the
+        plan-averaged predictive, as (token id, logprob), most likely first."""
+        self._lme()  # all plans ran
+        mix = self.mix - torch.logsumexp(self.mix, dim=-1, keepdim=True)  # (B, T, V) normalised
+        values, ids = mix.topk(min(num, mix.shape[-1]), dim=-1)  # (B, T, num)
+        values, ids = values.cpu().tolist(), ids.cpu().tolist()
+        out = []
+        for b, it in enumerate(self.items):
+            end = len(it.tokens) - 1
+            out.append([list(zip(ids[b][t], values[b][t])) for t in range(end - it.num_scored, end)])
+        return out
+
+
+def _score_batch(model, items: list[ScoreItem]) -> list[Score]:
+    scorer = PlanScorer(model, items)
+    for k in range(scorer.num_plans):
+        scorer.add(k)
+    return scorer.scores()
+
+
+def prompt_item(model, tokens: list[int], num_plans: int, seed: int) -> ScoreItem:
+    """Every token of `tokens` after the first scored given those before it, with K prior plans
+    from `seed` (a baseline: exact, no plans). The same plans as `make_items` draws for a
+    (context, continuation) split of `tokens` with that seed, so the continuation's per-token
+    logprobs sum to the figure `score` gives for the split (what `ft-ray serve` returns for a
+    prompt with echo + logprobs, and the lm-eval model `ft-ray` with plan_mode=shared)."""
+    return make_items(model, [(tokens[:1], tokens[1:])], [seed], num_plans)[0]
 
 
 def score(model, items: list[ScoreItem], batch_size: int = DEFAULT_BATCH_SIZE) -> list[Score]:

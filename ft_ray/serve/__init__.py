@@ -9,7 +9,9 @@ from ft_ray.serve.engine import (
     EngineStats,
     GenerationResult,
     PlanCodes,
+    PromptScore,
     StreamEvent,
+    TokenLogprob,
     Usage,
 )
 from ft_ray.serve.handle import RequestHandle
@@ -36,11 +38,13 @@ __all__ = [
     "GenerationResult",
     "PlanCodes",
     "PlanSpec",
+    "PromptScore",
     "RequestCancelled",
     "RequestError",
     "RequestHandle",
     "SchedulerConfig",
     "StreamEvent",
+    "TokenLogprob",
     "Usage",
     "check_request",
     "validate_request",

@@ -3,9 +3,11 @@
     serve run serve_apps.app:app models_dir=/path/to/models        # or: serve deploy serve_apps/config.yaml
     ft-ray serve --models DIR [--port 8000]
 
-Routes: POST /v1/completions (OpenAI completions + a `plan` extension), GET /v1/models and
-/v1/models/{id}, POST /generate (minimal form), GET /healthz (200 once a model is loaded; names
-the bundles that failed), GET /metrics (Prometheus text).
+Routes: POST /v1/completions (OpenAI completions + a `plan` extension; `logprobs` and `echo` score
+prompts, for a Free Transformer with ft_ray/eval/scoring.py's estimator), GET /v1/models and
+/v1/models/{id}, POST /generate (minimal form), POST /tokenize, POST /detokenize, GET
+/tokenizer_info (vLLM's shapes, what lm-eval's remote tokenizer reads: tokenizer_api.py), GET
+/healthz (200 once a model is loaded; names the bundles that failed), GET /metrics (Prometheus text).
 
 A model is a bundle directory `models_dir/<name>/` (model.safetensors, config.json,
 tokenizer.json, metrics.json), copied or linked; a request names it by `model` and never carries
@@ -38,6 +40,7 @@ from ft_ray.serve.http import (
     EDGE_FIELDS,
     check_openai_fields,
     choice_json,
+    completion_choices,
     dumps,
     error_body,
     parse_json,
@@ -50,6 +53,7 @@ from ft_ray.serve.metrics import CONTENT_TYPE, ServingMetrics
 from ft_ray.serve.requests import GenerationRequest, RequestError
 from ft_ray.serve.results import GenerationError, RequestCancelled
 from ft_ray.serve.scheduler import SchedulerConfig
+from ft_ray.serve.tokenizer_api import check_fields, detokenize, tokenize, tokenizer_info
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 API_KEY_ENV = "FT_RAY_API_KEY"
@@ -136,6 +140,7 @@ class FTServer:
         self.failed: dict[str, str] = {}  # bundles that did not load, and why
         self.ready = False
         self.active_streams = 0  # streamed generations in progress (GET /healthz reports it)
+        self._shared_tokenizer: dict = {}  # whether the served bundles share one tokenizer.json
         self._preload = preload if preload is not None else list_models(self.models_dir)[:4]
 
     async def _ensure_ready(self) -> None:
@@ -218,17 +223,12 @@ class FTServer:
                 handles = self._submit(engine, reqs, stream=True)
                 return StreamingResponse(self._sse(engine, reqs, handles, rid, created, include_usage),
                                          media_type="text/event-stream")
-            results = await self._generate(engine, reqs)
+            results, scores = await self._complete(engine, reqs)
+            choices, prompt_tokens, completion_tokens = completion_choices(engine, reqs, results, scores)
         except RequestError as e:
             return error(e.status, f"{e.field}: {e.message}", e.field, retry_after_header(e))
         except GenerationError as e:
             return error(e.status, e.message)
-        choices, prompt_tokens, completion_tokens = [], 0, 0
-        for p, result in enumerate(results):
-            n = len(result.choices)
-            choices += [choice_json(c, p * n + j) for j, c in enumerate(result.choices)]
-            prompt_tokens += result.usage.prompt_tokens
-            completion_tokens += result.usage.completion_tokens
         return Response(dumps({"id": rid, "object": "text_completion", "created": created, "model": engine.name,
                                "choices": choices, "usage": usage_json(prompt_tokens, completion_tokens)}),
                         media_type="application/json")
@@ -244,6 +244,27 @@ class FTServer:
                 engine.cancel(h)
             raise
         return handles
+
+    async def _complete(self, engine: Engine, reqs: list[GenerationRequest]) -> tuple[list, list]:
+        """Per prompt, its generation (None with max_tokens 0) and its prompt score (None unless
+        echo + logprobs): both queued at once, the scoring between decode steps."""
+        t0 = time.perf_counter()
+        todo = [r for r in reqs if r.max_tokens > 0]
+        handles = self._submit(engine, todo, stream=False)
+        scoring = []
+        try:
+            for req in reqs:
+                scoring.append(engine.submit_score(req) if req.scores_prompt else None)
+            done = iter(await asyncio.gather(*handles))
+            scores = await asyncio.gather(*(asyncio.sleep(0) if h is None else h for h in scoring))
+        finally:  # a failed prompt or a gone client: the others stop too
+            for h in [*handles, *scoring]:
+                if h is not None and not h.done:
+                    engine.cancel(h)
+        results = [next(done) if r.max_tokens > 0 else None for r in reqs]
+        tokens = sum(r.usage.completion_tokens for r in results if r is not None)
+        self.metrics.request_done(engine.name, time.perf_counter() - t0, tokens)
+        return results, list(scores)
 
     async def _generate(self, engine: Engine, reqs: list[GenerationRequest]) -> list:
         t0 = time.perf_counter()
@@ -300,8 +321,9 @@ class FTServer:
         """Minimal form: {"model", "prompt", ...same sampling fields} -> {"text", "plan", "seed"}."""
         try:
             engine, body, reqs = await self._parse(request)
-            if body.get("stream") or len(reqs) != 1 or reqs[0].n != 1:
-                raise RequestError("prompt", "/generate takes one prompt, n=1 and no streaming; use /v1/completions")
+            if body.get("stream") or len(reqs) != 1 or reqs[0].n != 1 or reqs[0].echo or reqs[0].logprobs is not None:
+                raise RequestError("prompt", "/generate takes one prompt, n=1, no streaming, echo or logprobs; "
+                                             "use /v1/completions")
             (result,) = await self._generate(engine, reqs)
         except RequestError as e:
             return error(e.status, f"{e.field}: {e.message}", e.field, retry_after_header(e))
@@ -312,6 +334,49 @@ class FTServer:
                                "plan": None if c.codes is None else {"codes": c.codes.new,
                                                                      "prompt_codes": c.codes.prompt}}),
                         media_type="application/json")
+
+    # ------------------------------------------------------------------ tokenizer (tokenizer_api.py)
+    async def _tokenizer_engine(self, name) -> Engine:
+        """The named model's engine; without a name, any served model's when they all share one
+        tokenizer (lm-eval's remote tokenizer never names the model)."""
+        if name is not None:
+            return await self.engine(name)
+        await self._ensure_ready()
+        names = [n for n in list_models(self.models_dir) if n not in self.failed]
+        if not names:
+            raise RequestError("model", "no model is being served", status=404)
+        if self._shared_tokenizer.get("names") != names:  # read the files once per set of bundles
+            files = {(self.models_dir / n / "tokenizer.json").read_bytes() for n in names}
+            self._shared_tokenizer = {"names": names, "shared": len(files) == 1}
+        if not self._shared_tokenizer["shared"]:
+            raise RequestError("model", f"is required: the served models ({', '.join(names)}) have different tokenizers")
+        return await self.engine(names[0])
+
+    async def _tokenizer_call(self, request: Request, route: str):
+        try:
+            body = parse_json(await read_body(request.stream(), request.headers.get("content-length")))
+            check_fields(route, body)
+            engine = await self._tokenizer_engine(body.get("model"))
+            out = (tokenize if route == "/tokenize" else detokenize)(engine, body)
+        except RequestError as e:
+            return error(e.status, f"{e.field}: {e.message}", e.field)
+        return Response(dumps(out), media_type="application/json")
+
+    @api.post("/tokenize")
+    async def tokenize_route(self, request: Request):
+        return await self._tokenizer_call(request, "/tokenize")
+
+    @api.post("/detokenize")
+    async def detokenize_route(self, request: Request):
+        return await self._tokenizer_call(request, "/detokenize")
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info_route(self, model: str | None = None):
+        try:
+            engine = await self._tokenizer_engine(model)
+        except RequestError as e:
+            return error(e.status, f"{e.field}: {e.message}", e.field)
+        return tokenizer_info(engine)
 
 
 APP_ARGS = {"models_dir": str, "preload": list, "max_num_seqs": int, "max_num_batched_tokens": int,

@@ -12,6 +12,8 @@ Two ways in:
   -> StreamEvents; `engine.cancel(handle)` when the client goes away. A loop thread runs the steps.
 - sync (in-process callers, tests): `engine.generate(requests)` and `engine.stream(request)`;
   without a loop thread they run the steps themselves, in the caller's thread.
+Prompt scoring (echo + logprobs) goes in the same loop, between decode steps (prompt_scoring.py):
+`engine.submit_score(req)` -> handle ending with a PromptScore; sync: `engine.score(requests)`.
 
 Seeds, all deterministic (a request without a seed gets a fresh random one, reported back):
   sample j's seed       s_j = row_seed(seed, j)  (seed itself for j = 0)        (token generator)
@@ -40,10 +42,13 @@ from tokenizers import Tokenizer
 
 from ft_ray.config import ModelConfig
 from ft_ray.data.tokenizer import bos_id, eos_id, vocab_size
+from ft_ray.eval.scoring import ScoreItem, prompt_item
 from ft_ray.model import BaselineTransformer, FreeTransformer
 from ft_ray.model.plan import derive_seed, row_seed
 from ft_ray.serve.handle import End, RequestHandle
+from ft_ray.serve.prompt_scoring import ScoreJob
 from ft_ray.serve.requests import (
+    DEFAULT_PLAN_SAMPLES,
     MAX_N,
     EngineInfo,
     GenerationRequest,
@@ -58,8 +63,10 @@ from ft_ray.serve.results import (  # noqa: F401 (re-exported: ft_ray.serve impo
     GenerationError,
     GenerationResult,
     PlanCodes,
+    PromptScore,
     RequestCancelled,
     StreamEvent,
+    TokenLogprob,
     Usage,
 )
 from ft_ray.serve.scheduler import Scheduler, SchedulerConfig
@@ -136,13 +143,14 @@ class Engine:
         return sum(c.k.nbytes + c.v.nbytes for c in self._scheduler.caches)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        """BOS + the prompt's token ids (a prompt given as ids is checked against the vocabulary)."""
+        """BOS + the prompt's token ids (a prompt given as ids is checked against the vocabulary,
+        and gets no second BOS when it starts with one, as lm-eval sends an empty context)."""
         if isinstance(prompt, list):
             for i, t in enumerate(prompt):
                 if not 0 <= t < self.cfg.vocab_size:
                     raise RequestError(f"prompt[{i}]", f"token id {t} is outside the vocabulary "
                                                        f"[0, {self.cfg.vocab_size})")
-            return [self.bos_id, *prompt]
+            return list(prompt) if prompt[:1] == [self.bos_id] else [self.bos_id, *prompt]
         try:
             ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         except Exception as e:  # tokenizers raises a bare Exception, e.g. on a character it lacks
@@ -167,6 +175,17 @@ class Engine:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as OpenAI's logprobs show it (special tokens by name)."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def special_token_id(self, text: str) -> int | None:
+        """The id of the special token spelled `text` ("<eos>"), else None."""
+        for token_id, added in self.tokenizer.get_added_tokens_decoder().items():
+            if added.special and added.content == text:
+                return token_id
+        return None
 
     def validate(self, body, allowed_extra: frozenset[str] | set[str] = frozenset()) -> GenerationRequest:
         """A JSON body -> a checked request, or RequestError naming the field (see requests.py)."""
@@ -221,6 +240,23 @@ class Engine:
             self.start()
         return self._submit(seq, stream, loop, bounded=True)
 
+    def submit_score(self, request: GenerationRequest) -> RequestHandle:
+        """Queue the scoring of a request's prompt (echo + logprobs; see prompt_scoring.py); the
+        handle ends with a PromptScore. Errors as `submit`."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if self._closed:
+            raise RequestError("model", f"model {self.name!r} was unloaded; retry", status=503, retry_after=1.0)
+        job = self._prepare_score(request)
+        if loop is not None:
+            self.start()
+        job.handle = RequestHandle(request, False, loop)
+        self._scheduler.scoring.submit(job, bounded=loop is not None)
+        self._scheduler.wake.set()
+        return job.handle
+
     def cancel(self, handle: RequestHandle) -> None:
         """Stop a request (e.g. its client disconnected); its slots are freed at the next step."""
         handle.cancel_requested = True
@@ -242,6 +278,15 @@ class Engine:
             *_, end = self._items(handle)
             results.append(end.unwrap())
         return results
+
+    def score(self, requests: list[GenerationRequest]) -> list[PromptScore]:
+        """Score the prompts of `requests` (echo + logprobs), in-process; results in order."""
+        handles = [self.submit_score(req) for req in requests]
+        out = []
+        for handle in handles:
+            *_, end = self._items(handle)
+            out.append(end.unwrap())
+        return out
 
     def stream(self, request: GenerationRequest) -> Iterator[StreamEvent]:
         """Events of one request as tokens are produced. The request is checked now (a bad one
@@ -288,6 +333,8 @@ class Engine:
     def _prepare(self, req: GenerationRequest) -> Sequence:
         if not isinstance(req, GenerationRequest):
             raise TypeError(f"expected a GenerationRequest, got {type(req).__name__}")
+        if req.max_tokens == 0:
+            raise RequestError("max_tokens", "must be >= 1 to generate (0 only scores the prompt: submit_score)")
         ids = self.encode(req.prompt)
         check_request(req, self._info, len(ids))
         seed = secrets.randbits(63) if req.seed is None else req.seed
@@ -301,6 +348,26 @@ class Engine:
             else:
                 plan_seeds = [derive_seed(row_seeds[j], "plan") for j in range(count)]
         return Sequence(req, ids, seed, row_seeds, plan_seeds, self._decode, self.eos_id, self.device)
+
+
+    def _prepare_score(self, req: GenerationRequest) -> ScoreJob:
+        """The scoring job of a request's prompt: K prior plans from plan.seed, else the request's
+        seed, else a fresh seed (reported back); a baseline is exact."""
+        if not isinstance(req, GenerationRequest) or not req.scores_prompt:
+            raise TypeError("expected a GenerationRequest with echo=True and logprobs set")
+        ids = self.encode(req.prompt)
+        check_request(req, self._info, len(ids))
+        echo_from = len(ids) - len(req.prompt) if isinstance(req.prompt, list) else 1  # 1: BOS added here
+        if len(ids) < 2:  # nothing after BOS: no token to score
+            return ScoreJob(ScoreItem(ids, 0), echo_from, req.logprobs, None)
+        seed = num_plans = None
+        if self.is_ft:
+            plan = req.plan or PlanSpec()
+            num_plans = plan.samples or DEFAULT_PLAN_SAMPLES
+            seed = plan.seed if plan.seed is not None else req.seed
+            seed = secrets.randbits(63) if seed is None else seed
+        item = prompt_item(self.model, ids, num_plans or 1, 0 if seed is None else seed)
+        return ScoreJob(item, echo_from, req.logprobs, seed)
 
 
 def _run_loop(scheduler: Scheduler, stop: threading.Event) -> None:

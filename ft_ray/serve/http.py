@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ft_ray.serve.requests import RequestError
+from ft_ray.serve.results import Choice
+from ft_ray.serve.text import text_offsets
 
 MAX_BODY_BYTES = 1 << 20
 MAX_PROMPTS = 16
 # OpenAI fields clients send with their defaults; anything else in them is refused, not ignored
 OPENAI_DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None,), "echo": (False, None), "best_of": (1, None), "suffix": (None,),
+    "best_of": (1, None), "suffix": (None,),
     "presence_penalty": (0, None), "frequency_penalty": (0, None), "logit_bias": (None,),
 }
 EDGE_FIELDS = frozenset({"model", "stream", "stream_options", "user", *OPENAI_DEFAULTS})
@@ -88,6 +90,9 @@ def check_openai_fields(body: dict) -> None:
             raise RequestError(key, f"only {shown} is supported, got {dumps(body[key])}")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise RequestError("stream", "must be true or false")
+    for key in ("logprobs", "echo"):
+        if body.get("stream") and body.get(key) not in (None, False):
+            raise RequestError(key, "is not supported with stream=true (send the request unstreamed)")
     options = body.get("stream_options")
     if options is not None:
         if not body.get("stream"):
@@ -128,6 +133,23 @@ def choice_json(choice, index: int) -> dict:
     return out
 
 
+def logprobs_json(entries: list, token_text: Callable[[int], str], offsets: list[int]) -> dict:
+    """OpenAI's legacy completions `logprobs` object from TokenLogprobs: token strings, their
+    logprobs (null for a first token with nothing before it), the alternatives as {token: logprob}
+    (the chosen token included, so up to N+1 of them, as OpenAI returns) and character offsets."""
+    tops = []
+    for e in entries:
+        if e.logprob is None:
+            tops.append(None)
+            continue
+        top: dict[str, float] = {}
+        for token_id, lp in e.top:  # most likely first: two ids with one text keep the likelier
+            top.setdefault(token_text(token_id), lp)
+        tops.append(top)
+    return {"tokens": [token_text(e.token_id) for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": tops, "text_offset": offsets}
+
+
 def usage_json(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -136,3 +158,32 @@ def usage_json(prompt_tokens: int, completion_tokens: int) -> dict:
 def retry_after_header(error: RequestError) -> dict[str, str]:
     seconds = getattr(error, "retry_after", None)
     return {} if seconds is None else {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+def completion_choices(engine, reqs: list, results: list, scores: list) -> tuple[list[dict], int, int]:
+    """The `choices` of a completion and its (prompt, completion) token counts. Per prompt: its
+    GenerationResult (None when max_tokens is 0) and PromptScore (None unless echo + logprobs).
+    With echo the text starts with the prompt; logprobs cover the echoed prompt, then the
+    generated tokens (all of them, including one that ended the text at a stop string)."""
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for p, (req, result, score) in enumerate(zip(reqs, results, scores, strict=True)):
+        echo = "" if not req.echo else req.prompt if isinstance(req.prompt, str) else engine.decode(req.prompt)
+        echoed = [] if score is None else score.tokens
+        if result is None:  # pure scoring: one choice per sample, all the same
+            prompt_tokens += len(engine.encode(req.prompt))
+            samples = [Choice(j, "", [], "length", req.seed, None, []) for j in range(req.n)]
+        else:
+            prompt_tokens += result.usage.prompt_tokens
+            completion_tokens += result.usage.completion_tokens
+            samples = result.choices
+        for c in samples:
+            out = choice_json(c, p * req.n + c.index)
+            out["text"] = echo + c.text
+            if req.logprobs is not None:
+                ids = [e.token_id for e in echoed]
+                offsets = text_offsets(engine.decode, ids) + text_offsets(engine.decode, c.token_ids, len(echo))
+                out["logprobs"] = logprobs_json([*echoed, *(c.logprobs or [])], engine.token_text, offsets)
+            if score is not None and score.plan_samples is not None:
+                out["score_plan"] = {"samples": score.plan_samples, "seed": score.plan_seed}
+            choices.append(out)
+    return choices, prompt_tokens, completion_tokens

@@ -23,6 +23,9 @@ MAX_STOP_CHARS = 256
 MAX_SEED = (1 << 63) - 1
 MIN_TEMPERATURE = 1e-6  # below it (and above 0), logits / temperature can overflow: use 0 for greedy
 MAX_PROMPT_CHARS_PER_TOKEN = 16  # refuse (413) prompts far too long to tokenise before tokenising
+MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default limit; OpenAI's legacy API allowed 5)
+MAX_PLAN_SAMPLES = 64  # plans per prompt score: K forwards of the prompt, run a few per engine step
+DEFAULT_PLAN_SAMPLES = 8  # K when a request scores a Free Transformer's prompt without plan.samples
 
 
 class RequestError(ValueError):
@@ -62,14 +65,20 @@ class PlanSpec:
             for the whole sequence (prompt tokens incl. BOS + max_tokens, e.g. a result's
             `codes.prompt + codes.new`); the prompt's Z is still drawn when only new codes are given.
     shared: the request's n samples share one whole plan, drawn once.
+    samples: K, the plans of prompt scoring (echo + logprobs): log p(prompt) is estimated as the
+            log-mean-exp over K plans from the uniform prior, drawn from `seed` (or the request's
+            seed), never from the encoder (it reads the tokens being scored); default
+            DEFAULT_PLAN_SAMPLES. ft_ray/eval/scoring.py's estimator, the one lm-eval's `ft-ray` uses.
     """
 
     seed: int | None = None
     codes: list[int] | None = None
     shared: bool = False
+    samples: int | None = None
 
     def __post_init__(self) -> None:
         _check_int(self.seed, "plan.seed", 0, MAX_SEED, optional=True)
+        _check_int(self.samples, "plan.samples", 1, MAX_PLAN_SAMPLES, optional=True)
         if not isinstance(self.shared, bool):
             raise RequestError("plan.shared", f"must be a boolean, got {_type(self.shared)}")
         if self.codes is not None:
@@ -103,6 +112,13 @@ class GenerationRequest:
     stops at EOS, when its text contains one of `stop` (the text is cut before it), or after
     `max_tokens`. `seed` None draws a fresh seed, reported back in the result. `n` samples per
     request; `plan` only for Free Transformer models (a dict is parsed into a `PlanSpec`).
+
+    Scoring (OpenAI's legacy completions fields): `logprobs` N returns each generated token's
+    logprob and the N most likely alternatives (of the distribution before temperature and
+    filters; for an FT, given the sample's plan). `echo` puts the prompt before the completion,
+    and with `logprobs` scores the prompt: each prompt token given the tokens before it (BOS
+    included: only a prompt that starts with BOS itself has a first logprob of null); for an FT
+    with K plans from the prior (`plan.samples`). `max_tokens` 0 is allowed with echo (pure scoring).
     """
 
     prompt: str | list[int]  # text, or token ids (without BOS, which the engine adds)
@@ -114,6 +130,8 @@ class GenerationRequest:
     seed: int | None = None
     n: int = 1
     plan: PlanSpec | None = None
+    logprobs: int | None = None
+    echo: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt, (list, tuple)):  # token ids (OpenAI's list-of-integers prompt)
@@ -123,7 +141,12 @@ class GenerationRequest:
             self.prompt = list(self.prompt)
         elif not isinstance(self.prompt, str):
             raise RequestError("prompt", f"must be a string or a list of token ids, got {_type(self.prompt)}")
-        _check_int(self.max_tokens, "max_tokens", 1, None)
+        if not isinstance(self.echo, bool):
+            raise RequestError("echo", f"must be true or false, got {_type(self.echo)}")
+        _check_int(self.logprobs, "logprobs", 0, MAX_LOGPROBS, optional=True)
+        _check_int(self.max_tokens, "max_tokens", 0, None)
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError("max_tokens", "must be >= 1 (0 only with echo: the prompt alone)")
         self.temperature = _check_float(self.temperature, "temperature")
         if self.temperature != 0 and not self.temperature >= MIN_TEMPERATURE:
             raise RequestError("temperature", f"must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, "
@@ -137,15 +160,26 @@ class GenerationRequest:
         _check_int(self.seed, "seed", 0, MAX_SEED, optional=True)
         _check_int(self.n, "n", 1, MAX_N)
         self.plan = PlanSpec.parse(self.plan)
+        if self.plan is not None and self.plan.samples is not None and not self.scores_prompt:
+            raise RequestError("plan.samples", "sets the plans of prompt scoring: needs echo=true and logprobs")
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the prompt's tokens get logprobs (echo + logprobs)."""
+        return self.echo and self.logprobs is not None
 
 
 def check_request(req: GenerationRequest, info: EngineInfo, num_prompt_tokens: int) -> None:
     """The checks that depend on the model: `num_prompt_tokens` counts BOS + the prompt's tokens."""
     context = info.max_seq_len
-    if num_prompt_tokens >= context:
+    if req.max_tokens == 0:  # scoring alone: the model reads every prompt token but the last
+        if num_prompt_tokens - 1 > context:
+            raise RequestError("prompt", f"is {num_prompt_tokens} tokens (with BOS); scoring reads at most "
+                                         f"the context of {context} tokens (+1 scored last)")
+    elif num_prompt_tokens >= context:
         raise RequestError("prompt", f"is {num_prompt_tokens} tokens (with BOS); the context of "
                                      f"{context} tokens leaves no room to generate")
-    if num_prompt_tokens + req.max_tokens > context:
+    if req.max_tokens and num_prompt_tokens + req.max_tokens > context:
         raise RequestError("max_tokens", f"{req.max_tokens} new tokens after a {num_prompt_tokens}-token "
                                          f"prompt exceed the context of {context} tokens (at most "
                                          f"{context - num_prompt_tokens})")
@@ -158,6 +192,9 @@ def check_request(req: GenerationRequest, info: EngineInfo, num_prompt_tokens: i
     if info.latent_bits is None:
         raise RequestError("plan", f"model {info.name!r} is a baseline transformer: it has no latent plan")
     if plan.codes is not None:
+        if req.max_tokens == 0:
+            raise RequestError("plan.codes", "nothing is generated (max_tokens 0): prompt scoring draws "
+                                             "its plans from plan.seed")
         lengths = (req.max_tokens, num_prompt_tokens + req.max_tokens)
         if len(plan.codes) not in lengths:
             raise RequestError("plan.codes", f"needs one code per new position ({lengths[0]} = max_tokens) "
@@ -185,7 +222,7 @@ def validate_request(body: Any, info: EngineInfo, encode: Callable[[str], list[i
     if "prompt" not in body:
         raise RequestError("prompt", "is required")
     kwargs = {k: v for k, v in body.items() if k in names}
-    for key in ("max_tokens", "temperature", "stop", "n"):  # explicit null means "the default"
+    for key in ("max_tokens", "temperature", "stop", "n", "echo"):  # explicit null means "the default"
         if key in kwargs and kwargs[key] is None:
             del kwargs[key]
     req = GenerationRequest(**kwargs)

@@ -17,6 +17,32 @@ class PlanCodes:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's logprob and the most likely alternatives at its position, as (token id, logprob),
+    most likely first. A prompt token with nothing before it has logprob None."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class PromptScore:
+    """A prompt scored token by token (echo + logprobs): `tokens` are the prompt's tokens as the
+    client gave them (without the BOS the engine adds), each scored given everything before it.
+    For a Free Transformer, the log-mean-exp over `plan_samples` prior plans from `plan_seed`."""
+
+    tokens: list[TokenLogprob]
+    plan_samples: int | None = None  # K; None for a baseline (exact)
+    plan_seed: int | None = None
+
+    @property
+    def logprob(self) -> float:
+        """log p(prompt tokens after the first | the first), or | BOS when the engine added it."""
+        return sum(t.logprob for t in self.tokens if t.logprob is not None)
+
+
+@dataclass
 class Choice:
     """One sample. `token_ids` are all generated tokens, EOS included when it ended the sample;
     `text` is their decoding without special tokens, cut before a stop string."""
@@ -27,6 +53,7 @@ class Choice:
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens)
     seed: int  # this sample's seed: with n=1 and the same plan it reproduces the sample
     codes: PlanCodes | None  # None for a baseline model
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked
 
 
 @dataclass
@@ -62,10 +89,11 @@ class StreamEvent:
 class EngineStats:
     """Counters since the engine started (for benchmarks and tests)."""
 
-    steps: int = 0  # scheduler iterations (admit + prefill, decode, retire)
+    steps: int = 0  # scheduler iterations (admit + prefill, decode, score, retire)
     prefill_tokens: int = 0  # prompt tokens run through the model (a shared prefill counts once)
     decode_steps: int = 0  # batched forward passes of one token per running row
     generated_tokens: int = 0
+    scored_tokens: int = 0  # prompt tokens run through the model for scoring (K per token for an FT)
     failed_requests: int = 0  # accepted requests that ended with a GenerationError
 
 

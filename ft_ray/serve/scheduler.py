@@ -8,7 +8,9 @@ Each `step()`:
 3. admits waiting requests, first come first served, as cache slots free up (a request takes n
    slots at once), then prefills admitted units (model/plan.py's plan for an FT) within the
    token budget; each prefilled row samples its first token;
-4. retires rows as they finish: a finished row frees its slot at once, and a request whose rows
+4. runs prompt scoring (echo + logprobs, prompt_scoring.py) with what the token budget leaves,
+   at least one plan of one batch;
+5. retires rows as they finish: a finished row frees its slot at once, and a request whose rows
    are all done gets its result (or its stream's end) in the same step.
 Streamed and non-streamed requests share the batch. A failure in one request (its sampling, its
 text, its prefill) ends that request alone with a `GenerationError`; the others go on.
@@ -34,8 +36,9 @@ import torch
 from ft_ray.model.layers import CacheRows
 from ft_ray.model.sampling import BAD_ROW, sample_rows
 from ft_ray.serve.handle import End, failed
+from ft_ray.serve.prompt_scoring import ScoreQueue
 from ft_ray.serve.requests import RequestError
-from ft_ray.serve.results import EngineStats, RequestCancelled
+from ft_ray.serve.results import EngineStats, RequestCancelled, TokenLogprob
 from ft_ray.serve.sequence import Row, Sequence
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,7 @@ class Scheduler:
         self._admitted: list[Sequence] = []  # holding slots, in admission order (step thread only)
         self._inbox, self._stepping = threading.Lock(), threading.Lock()
         self.wake = threading.Event()  # set when there is new work for a waiting loop thread
+        self.scoring = ScoreQueue(model, cfg.max_waiting, cfg.max_num_batched_tokens, name, stats)
 
     # ------------------------------------------------------------------ any thread
     def submit(self, seq: Sequence, bounded: bool = True) -> None:
@@ -119,9 +123,11 @@ class Scheduler:
             if decoding:
                 self._decode(decoding)
             self._admit()
-            self._prefill(self.cfg.max_num_batched_tokens - len(decoding))
+            left = self._prefill(self.cfg.max_num_batched_tokens - len(decoding))
             self._compact()
-            return bool(self._admitted or self._waiting)
+            if self.scoring.has_work:
+                self.scoring.step(left, self.stats.steps)
+            return bool(self._admitted or self._waiting or self.scoring.has_work)
 
     def reap(self, blocking: bool = True) -> None:
         """Free cancelled requests' slots now (a synchronous caller that stops reading). With
@@ -140,6 +146,7 @@ class Scheduler:
                 waiting, self._waiting = list(self._waiting), deque()
             for seq in [*self._admitted, *waiting]:
                 self._end(seq, End(error=error))
+            self.scoring.fail_all(error)
 
     def _reap(self) -> None:
         with self._inbox:
@@ -178,8 +185,9 @@ class Scheduler:
                     row.slot = heapq.heappop(self._free)
                 self._admitted.append(seq)
 
-    def _prefill(self, budget: int) -> None:
-        """Prefill admitted units, oldest request first, while their prompt tokens fit `budget`."""
+    def _prefill(self, budget: int) -> int:
+        """Prefill admitted units, oldest request first, while their prompt tokens fit `budget`;
+        returns the budget left."""
         for seq in list(self._admitted):
             if not seq.pending:
                 continue
@@ -195,6 +203,7 @@ class Scheduler:
                 continue
             rows = [row for u in units for row in seq.units[u]]
             self._accept(rows, logits[[i for i, u in enumerate(units) for _ in seq.units[u]]])  # (rows, V)
+        return budget
 
     def _prefill_units(self, seq: Sequence, units: list[int], all_positions: bool = False) -> torch.Tensor:
         """Run the prompt of `units` (one row each, in the slot of the unit's first row) through the
@@ -242,14 +251,16 @@ class Scheduler:
         """Sample and append one token per row (logits (B, V), one row each); a row that fails
         fails its request alone. Then hand each touched request its stream events, or its result."""
         touched: dict[int, tuple[Sequence, list[tuple[Row, str]]]] = {}
-        for row, token in zip(rows, self._sample(rows, logits), strict=True):
+        tokens = self._sample(rows, logits)
+        for row, token, logprob in zip(rows, tokens, self._logprobs(rows, logits, tokens), strict=True):
             seq = row.seq
             if seq.ended:
                 continue
             try:
-                if isinstance(token, Exception):
-                    raise token
-                delta = row.push(token)
+                for failure in (token, logprob):
+                    if isinstance(failure, Exception):
+                        raise failure
+                delta = row.push(token, logprob)
             except Exception as e:
                 self._end(seq, failed(e))
                 continue
@@ -268,6 +279,28 @@ class Scheduler:
                     self._end(seq, End(result=seq.result(self.name)))
             except Exception as e:
                 self._end(seq, failed(e))
+
+    def _logprobs(self, rows: list[Row], logits: torch.Tensor, tokens: list) -> list:
+        """The sampled tokens' logprobs and top alternatives, for the rows whose request asked
+        (`logprobs` N): of the model's distribution (temperature 1, no filters), as vLLM returns them."""
+        want = [i for i, r in enumerate(rows) if r.seq.request.logprobs is not None and isinstance(tokens[i], int)]
+        out: list[TokenLogprob | Exception | None] = [None] * len(rows)
+        if not want:
+            return out
+        try:
+            lp = torch.log_softmax(logits[want].float(), dim=-1)  # (W, V)
+            num_top = min(max(rows[i].seq.request.logprobs for i in want), lp.shape[-1])
+            values, ids = lp.topk(max(num_top, 1), dim=-1)  # (W, num_top)
+            chosen = lp[torch.arange(len(want)), torch.tensor([tokens[i] for i in want])].tolist()
+            for j, i in enumerate(want):
+                n = rows[i].seq.request.logprobs
+                best = dict(zip(ids[j, :n].tolist(), values[j, :n].tolist()))
+                best[tokens[i]] = chosen[j]  # the chosen token is always there, with its own logprob
+                out[i] = TokenLogprob(tokens[i], chosen[j], sorted(best.items(), key=lambda kv: -kv[1]))
+        except Exception as e:  # fails the requests that asked for logprobs, not their batch-mates
+            for i in want:
+                out[i] = e
+        return out
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> list[int | Exception]:
         """Every row's next token (or why it has none), sampled as one batch with per-row settings

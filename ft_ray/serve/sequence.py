@@ -21,7 +21,14 @@ from ft_ray.model.plan import Plan, seeded_generators
 from ft_ray.model.sampling import BAD_ROW, draw_uniform, sample_rows
 from ft_ray.serve.handle import RequestHandle
 from ft_ray.serve.requests import GenerationRequest
-from ft_ray.serve.results import Choice, GenerationResult, PlanCodes, StreamEvent, Usage
+from ft_ray.serve.results import (
+    Choice,
+    GenerationResult,
+    PlanCodes,
+    StreamEvent,
+    TokenLogprob,
+    Usage,
+)
 from ft_ray.serve.text import find_stop, streamable_length
 
 
@@ -38,6 +45,7 @@ class Row:
         self.codes: PlanCodes | None = None
         self.slot: int | None = None  # its KV-cache slot while it holds one
         self.prefilled = False
+        self.logprobs: list[TokenLogprob] | None = [] if seq.request.logprobs is not None else None
 
     @property
     def finished(self) -> bool:
@@ -68,10 +76,13 @@ class Row:
             raise ValueError(BAD_ROW)
         return int(tokens[0])
 
-    def push(self, token: int) -> str:
-        """Append a generated token; return the text delta that is now safe to stream."""
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> str:
+        """Append a generated token (and its logprob, when asked); return the text delta that is
+        now safe to stream."""
         req = self.seq.request
         self.token_ids.append(token)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
         if token == self.seq.eos:
             self.finish_reason = "stop"
         else:
@@ -88,7 +99,8 @@ class Row:
         return delta
 
     def choice(self) -> Choice:
-        return Choice(self.index, self.text, list(self.token_ids), self.finish_reason, self.seed, self.codes)
+        return Choice(self.index, self.text, list(self.token_ids), self.finish_reason, self.seed, self.codes,
+                      None if self.logprobs is None else list(self.logprobs))
 
 
 class Sequence:

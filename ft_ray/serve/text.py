@@ -33,3 +33,9 @@ def streamable_length(text: str, stops: list[str]) -> int:
                 hold = k
                 break
     return end - hold
+
+
+def text_offsets(decode, ids: list[int], start: int = 0) -> list[int]:
+    """Where each token's text starts in decode(ids), plus `start` (OpenAI's `text_offset`): the
+    length of each prefix's decoding, an incomplete character at its end not counted."""
+    return [start + len(decode(ids[:i]).rstrip(REPLACEMENT)) for i in range(len(ids))]
