@@ -193,10 +193,10 @@ def _cost_rows(name: str, stats: dict) -> list[Row]:
 def run(quick: bool = False) -> list[Row]:
     import ray
 
+    from ft_ray.cluster import cluster_env
     from ft_ray.data.corpus_plan import CorpusSpec, build_tokenizer, plan_source
     from ft_ray.data.sources import stdlib_files
     from ft_ray.data.tokenizer import byte_tokenizer
-    from ft_ray.launch import cluster_env
 
     for key, value in cluster_env(joining=False).items():
         os.environ.setdefault(key, value)  # progress bars off, no token auth: a private cluster

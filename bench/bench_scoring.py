@@ -24,7 +24,7 @@ import torch
 
 from bench.bench_serve import _start, _stop
 from bench.common import Row
-from ft_ray.launch import free_port
+from ft_ray.cluster import free_port
 
 CONCURRENT = 8
 BATCH = 16  # prompts per request with lm-eval's batch_size=16 (the server's limit per request)
@@ -32,10 +32,10 @@ SEED = 1234  # lm-eval's request seed
 
 
 def _bundles(root: Path) -> Path:
+    from ft_ray.bundle import write_bundle
     from ft_ray.config import ModelConfig
     from ft_ray.data.tokenizer import byte_tokenizer
     from ft_ray.model import build_model
-    from ft_ray.train.checkpoint import write_bundle
 
     tok = root / "tokenizer.json"
     byte_tokenizer().save(str(tok))

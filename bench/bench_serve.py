@@ -33,17 +33,17 @@ import httpx
 import torch
 
 from bench.common import Row
-from ft_ray.launch import free_port
+from ft_ray.cluster import free_port
 from ft_ray.serve.cli import INGRESS_ENV, haproxy_binary
 
 CLIENTS, MAX_TOKENS = 16, 64
 
 
 def _bundle(root: Path) -> Path:
+    from ft_ray.bundle import write_bundle
     from ft_ray.config import ModelConfig
     from ft_ray.data.tokenizer import byte_tokenizer
     from ft_ray.model import FreeTransformer
-    from ft_ray.train.checkpoint import write_bundle
 
     tok = root / "tokenizer.json"
     byte_tokenizer().save(str(tok))

@@ -72,7 +72,7 @@ def checkpoint_rows(tmp: Path) -> list[Row]:
 def run(quick: bool = False) -> list[Row]:
     import ray
 
-    from ft_ray.launch import ensure_ray
+    from ft_ray.cluster import ensure_ray
     from ft_ray.train.plain import launch_plain
     from ft_ray.train.trainer import fit
 

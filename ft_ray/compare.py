@@ -12,16 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ft_ray.cluster import ensure_ray
 from ft_ray.config import Config, load_config
 from ft_ray.data.pipeline import synthetic_task_of
-from ft_ray.launch import command_main, ensure_ray, one_line_errors, resolve_preset
+from ft_ray.entrypoint import one_line_errors
+from ft_ray.presets import resolve_preset
 from ft_ray.report import (
     evaluate_bundle,
     markdown_table,
@@ -75,7 +76,7 @@ def _finished_bundle(run_dir: Path, max_steps: int) -> bool:
 
 def run_compare(cfg_path: Path, overrides: list[str], kappas: list[float], out_dir: Path,
                 retrain: bool = False) -> Path:
-    from ft_ray.train.checkpoint import load_bundle
+    from ft_ray.bundle import load_bundle
     from ft_ray.train.evaluate import letter_plan_eval
     from ft_ray.train.trainer import fit, resolve, run_dir_of
 
@@ -149,10 +150,3 @@ def run(args: argparse.Namespace) -> int:
         run_compare(resolve_preset(args.config), args.overrides, args.kappa, Path(args.out), args.retrain)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    return command_main(__doc__, add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

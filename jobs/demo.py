@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ft_ray.launch import ensure_ray, one_line_errors, resolve_preset
+from ft_ray.cluster import ensure_ray
+from ft_ray.entrypoint import one_line_errors
+from ft_ray.presets import resolve_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED_LETTERS = "KQX"  # one group of samples per letter and plan mode
@@ -65,7 +67,7 @@ def serve_step(bundles: dict[str, Path], out: Path, port: int) -> list[str]:
     Serve, when this step started it); return the report's lines."""
     from ray import serve
 
-    from ft_ray.launch import free_port
+    from ft_ray.cluster import free_port
     from ft_ray.serve.cli import deploy
 
     models = copy_bundles(bundles, out / "models").resolve()

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import sys
 
-from ft_ray.data.cli import main as data_main
+from ft_ray.cli import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    return data_main(["data", *(sys.argv[1:] if argv is None else argv)])
+    """`ft-ray data ARGS` (ARGS from the command line by default)."""
+    return run_command("data", argv)
 
 
 if __name__ == "__main__":

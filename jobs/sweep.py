@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import sys
 
-from ft_ray.tune.runner import main
+from ft_ray.cli import run_command
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`ft-ray sweep ARGS` (ARGS from the command line by default)."""
+    return run_command("sweep", argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ft_ray.launch import free_port
+from ft_ray.cluster import free_port
 from ft_ray.serve.client import get_json, post_json
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ft_ray.cli import main as cli_main
 from ft_ray.data import corpus_plan, prepare
 from ft_ray.data import tokenizer as tk
-from ft_ray.data.cli import main as data_main
 from ft_ray.data.corpus_plan import (
     CorpusSpec,
     bpe_texts,
@@ -269,7 +269,7 @@ def test_interrupted_run_resumes_keeping_verified_work(ray_cluster, small_units,
 
 
 def data_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = data_main(["data", *args])
+    code = cli_main(["data", *args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
+from ft_ray.cli import main as cli_main
 from ft_ray.data import letters, shards, synthetic
 from ft_ray.data import tokenizer as tk
-from ft_ray.data.cli import main as data_main
 from ft_ray.data.errors import DataError
 from ft_ray.data.shards import (
     read_split,
@@ -390,7 +390,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def data_cli(capsys, *args: str) -> tuple[int, str, str]:
     """`ft-ray data ...` in this process (a subprocess per case would cost seconds each)."""
-    code = data_main(["data", *args])
+    code = cli_main(["data", *args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import ft_ray.serve.scheduler as scheduler_module
+from ft_ray.bundle import write_bundle
 from ft_ray.config import ModelConfig
 from ft_ray.data.tokenizer import byte_tokenizer, letter_tokenizer
 from ft_ray.model import build_model
@@ -39,7 +40,6 @@ from ft_ray.serve.handle import End
 from ft_ray.serve.requests import MIN_TEMPERATURE
 from ft_ray.serve.scheduler import SchedulerConfig
 from ft_ray.serve.sequence import Row
-from ft_ray.train.checkpoint import write_bundle
 
 EOS = 2
 

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from ft_ray.bundle import write_bundle  # noqa: E402
 from ft_ray.config import ModelConfig  # noqa: E402
 from ft_ray.data import arith, letters  # noqa: E402
 from ft_ray.data.synthetic import TASKS, generate  # noqa: E402
@@ -43,7 +44,6 @@ from ft_ray.eval.tasks import (  # noqa: E402
     write_task_data,
 )
 from ft_ray.model import build_model  # noqa: E402
-from ft_ray.train.checkpoint import write_bundle  # noqa: E402
 
 H = 2  # 4 codes per position: T <= 4 inputs gives <= 256 plans to enumerate
 

@@ -16,6 +16,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from ft_ray.bundle import write_bundle  # noqa: E402
 from ft_ray.cli import main  # noqa: E402
 from ft_ray.config import ModelConfig  # noqa: E402
 from ft_ray.data.tokenizer import letter_tokenizer  # noqa: E402
@@ -26,7 +27,6 @@ from ft_ray.eval.summary import interval95  # noqa: E402
 from ft_ray.eval.tasks import PAPER_TASKS, TASK_NAMES, evaluate_tasks, write_task_data  # noqa: E402
 from ft_ray.eval.units import EvalPlan, Model, Settings, Unit, resolve_tasks  # noqa: E402
 from ft_ray.model import build_model  # noqa: E402
-from ft_ray.train.checkpoint import write_bundle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("ftray_arith_choice", "ftray_arith_ppl", "ftray_letters")  # log-likelihood, rolling, generation

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from ft_ray.bundle import load_bundle, write_bundle
 from ft_ray.cli import main
 from ft_ray.config import ModelConfig
 from ft_ray.data.tokenizer import letter_tokenizer
 from ft_ray.model import build_model
-from ft_ray.train.checkpoint import load_bundle, write_bundle
 
 transformers = pytest.importorskip("transformers")
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # no hub here: fail fast, never wait

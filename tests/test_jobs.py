@@ -57,7 +57,7 @@ def test_prepare_data_entry_point_writes_shards_and_says_where(tmp_path, capsys)
 
 
 def test_embedded_cluster_environment_differs_from_a_joined_one():
-    from ft_ray.launch import cluster_env
+    from ft_ray.cluster import cluster_env
 
     embedded, joined = cluster_env(joining=False), cluster_env(joining=True)
     # a private embedded cluster: no token auth, no preemption watcher (one machine has no node to drain)

@@ -16,11 +16,11 @@ import httpx
 import pytest
 import torch
 
+from ft_ray.bundle import write_bundle
+from ft_ray.cluster import free_port
 from ft_ray.config import ModelConfig
 from ft_ray.data.tokenizer import byte_tokenizer
-from ft_ray.launch import free_port
 from ft_ray.model import FreeTransformer
-from ft_ray.train.checkpoint import write_bundle
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parent.parent

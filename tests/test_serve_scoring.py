@@ -14,12 +14,12 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from ft_ray.bundle import write_bundle  # noqa: E402
+from ft_ray.cluster import free_port  # noqa: E402
 from ft_ray.config import ModelConfig  # noqa: E402
 from ft_ray.data.tokenizer import byte_tokenizer  # noqa: E402
-from ft_ray.launch import free_port  # noqa: E402
 from ft_ray.model import BaselineTransformer, FreeTransformer  # noqa: E402
 from ft_ray.serve import Engine, GenerationRequest, SchedulerConfig  # noqa: E402
-from ft_ray.train.checkpoint import write_bundle  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 CONTEXT = 96

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ft_ray.cluster import free_port
 from ft_ray.config import ConfigError, load_config
-from ft_ray.launch import free_port
 from ft_ray.train.tracking import (
     RUN_ID_FILE,
     MlflowTracker,

@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ft_ray.bundle import load_bundle, write_bundle
+from ft_ray.cluster import free_port
 from ft_ray.config import Config, ConfigError, ModelConfig, load_config
-from ft_ray.launch import free_port
 from ft_ray.model import BaselineTransformer, FreeTransformer
-from ft_ray.train.checkpoint import full_state_dict, load_bundle, write_bundle
+from ft_ray.train.checkpoint import full_state_dict
 from ft_ray.train.optim import lr_at, param_groups
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from ft_ray.cli import main as cli_main
 from ft_ray.config import ConfigError, load_config, to_dict
 from ft_ray.tune.space import (
     TRIAL_OWNED,
@@ -168,7 +169,7 @@ def test_edited_space_is_refused_on_rerun(tmp_path, monkeypatch, capsys):
     assert "num_samples: 1 -> 2" in message
     monkeypatch.setattr(runner, "ensure_ray", lambda: pytest.fail("Ray started for a refused sweep"))
     with pytest.raises(SystemExit) as exit_info:
-        runner.main(["--space", str(edited)])
+        cli_main(["sweep", "--space", str(edited)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
 
@@ -245,7 +246,7 @@ def test_cli_exit_code_of_an_incomplete_sweep(tmp_path, monkeypatch, capsys):
         raise runner.SweepIncomplete(tmp_path, 130, "the sweep was interrupted: 1 of 2 trials did not finish")
 
     monkeypatch.setattr(runner, "run_sweep", interrupted)
-    assert runner.main(["--space", "whatever.yaml"]) == 130
+    assert cli_main(["sweep", "--space", "whatever.yaml"]) == 130
     assert "interrupted" in capsys.readouterr().err
 
 

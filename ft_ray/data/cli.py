@@ -20,8 +20,7 @@ import argparse
 import sys
 
 from ft_ray.data.errors import DataError
-
-EXIT_BAD_INPUT = 2
+from ft_ray.entrypoint import EXIT_BAD_INPUT
 
 
 def _add_synthetic(sub: argparse._SubParsersAction) -> None:
@@ -75,14 +74,11 @@ def _add_corpus(sub: argparse._SubParsersAction) -> None:
     _add_out(p)
 
 
-def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `data synthetic` and `data corpus` under a top-level CLI's subparsers."""
-    data = subparsers.add_parser("data", help="write token shards (synthetic tasks, real corpora)")
-    sub = data.add_subparsers(dest="data_command", metavar="{synthetic,corpus}", required=True)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`data synthetic` and `data corpus` under the `data` command's parser."""
+    sub = parser.add_subparsers(dest="data_command", metavar="{synthetic,corpus}", required=True)
     _add_synthetic(sub)
     _add_corpus(sub)
-    data.set_defaults(func=run_data)
-    return data
 
 
 def _shard_bytes(shard_mb: float) -> int:
@@ -149,7 +145,7 @@ def _run_corpus_here(spec, args: argparse.Namespace, progress) -> None:
                         overwrite=args.overwrite, num_buckets=resolve_buckets(spec, plan))
 
 
-def run_data(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run one `data` command; bad input -> one line on stderr and EXIT_BAD_INPUT."""
     try:
         if args.data_command == "synthetic":
@@ -161,14 +157,3 @@ def run_data(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m ft_ray.data.cli synthetic ...`: the data commands without the top-level CLI."""
-    parser = argparse.ArgumentParser(prog="ft-ray")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main(["data", *sys.argv[1:]]))

@@ -199,7 +199,7 @@ def _ray_data(concurrency: int | None, progress: Callable[[str], Any]) -> Iterat
     import ray
     from ray.data import DataContext
 
-    from ft_ray.launch import ensure_ray
+    from ft_ray.cluster import ensure_ray
 
     owned = ensure_ray(quiet=not bars)
     ctx = DataContext.get_current()

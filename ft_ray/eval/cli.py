@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ft_ray.cluster import ensure_ray
+from ft_ray.entrypoint import EXIT_BAD_INPUT, one_line_errors
 from ft_ray.eval import EvalError
 from ft_ray.eval.scoring import DEFAULT_NUM_PLANS
 from ft_ray.eval.tasks import CODE_TASKS
@@ -49,7 +51,6 @@ from ft_ray.eval.units import (
     resolve_tasks,
     write_json_atomic,
 )
-from ft_ray.launch import EXIT_BAD_INPUT, command_main, ensure_ray, one_line_errors
 
 DEFAULT_MAX_RETRIES = 2
 
@@ -183,6 +184,3 @@ def run(args: argparse.Namespace) -> int:
         return 1
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    return command_main(__doc__, add_arguments, run, argv)

@@ -55,7 +55,7 @@ from ft_ray.eval.scoring import (
     score,
 )
 from ft_ray.model import sample_shared_plan
-from ft_ray.model.plan import derive_seed, row_seed
+from ft_ray.seeds import derive_seed, row_seed
 
 log = logging.getLogger(__name__)
 PLAN_MODES = ("fresh", "shared")
@@ -87,7 +87,7 @@ class GenJob:
 
 def load_eval_bundle(path: str | Path, device: str = "cpu"):
     """(model in eval mode, tokenizer) from a bundle directory; EvalError naming the path."""
-    from ft_ray.train.checkpoint import load_bundle
+    from ft_ray.bundle import load_bundle
 
     path = Path(path)
     try:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ft_ray.model.latent import log_q, sample_codes
-from ft_ray.model.plan import derive_seed
+from ft_ray.seeds import derive_seed
 
 DEFAULT_NUM_PLANS = 8  # K: plans per conditional score, samples per IWAE bound
 DEFAULT_BATCH_SIZE = 16  # rows per forward

@@ -24,13 +24,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ft_ray.bundle import ALL_FILES
 from ft_ray.eval import EvalError
 from ft_ray.eval.scoring import check_num_plans
 from ft_ray.eval.tasks import PRESETS, TASK_NAMES
 
 EVAL_FORMAT = "ft-ray-eval/1"
 MANIFEST = "eval.json"
-BUNDLE_FILES = ("model.safetensors", "config.json", "metrics.json", "tokenizer.json")
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
@@ -113,7 +113,7 @@ def parse_limit(text: str) -> int | float:
 
 def bundle_files(path: str | Path) -> dict[str, bytes]:
     """The bytes of a bundle's files: what a worker on any node needs to rebuild it."""
-    return {name: (Path(path) / name).read_bytes() for name in BUNDLE_FILES}
+    return {name: (Path(path) / name).read_bytes() for name in ALL_FILES}
 
 
 def write_bundle_files(files: dict[str, bytes], out: Path) -> Path:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ft_ray.model.latent import sample_codes, uniform_codes
-from ft_ray.seeds import derive_seed, row_seed  # noqa: F401  (derive_seed: re-exported)
+from ft_ray.seeds import row_seed
 
 if TYPE_CHECKING:
     from ft_ray.model.free_transformer import FreeTransformer

@@ -128,7 +128,7 @@ def _interrupt(signum, frame):
 def run(args: argparse.Namespace) -> int:
     from ray import serve
 
-    from ft_ray.launch import ensure_ray
+    from ft_ray.cluster import ensure_ray
     from ft_ray.serve.app import list_models
 
     models = Path(args.models)

@@ -44,7 +44,7 @@ from ft_ray.config import ModelConfig
 from ft_ray.data.tokenizer import bos_id, eos_id, vocab_size
 from ft_ray.eval.scoring import ScoreItem, prompt_item
 from ft_ray.model import BaselineTransformer, FreeTransformer
-from ft_ray.model.plan import derive_seed, row_seed
+from ft_ray.seeds import derive_seed, row_seed
 from ft_ray.serve.handle import End, RequestHandle
 from ft_ray.serve.prompt_scoring import ScoreJob
 from ft_ray.serve.requests import (
@@ -113,7 +113,7 @@ class Engine:
                     scheduler: SchedulerConfig | None = None) -> Engine:
         """Load a bundle directory (model.safetensors, config.json, tokenizer.json, metrics.json);
         nothing is unpickled. The name defaults to the directory's name."""
-        from ft_ray.train.checkpoint import load_bundle
+        from ft_ray.bundle import load_bundle
 
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"

@@ -1,4 +1,4 @@
-"""Sharded (DCP) training checkpoints and unsharded serving bundles.
+"""Sharded (DCP) training checkpoints.
 
 Checkpoint directory (every rank writes into its own copy; Ray Train merges them):
   .metadata, __<rank>_0.distcp   model + optimizer, sharded (DCP reshards on load)
@@ -8,18 +8,14 @@ Checkpoint directory (every rank writes into its own copy; Ray Train merges them
                                  atomically: a checkpoint is complete and intact only when every
                                  rank's checksum file is present and every listed file matches it
 
-Bundle directory (what serving loads; never unpickles anything):
-  model.safetensors  config.json  tokenizer.json (when known)  metrics.json
-written to a temporary sibling and renamed into place, so a partial bundle never looks complete.
+Serving bundles (what a finished run exports) are ft_ray/bundle.py's.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any
@@ -33,12 +29,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from ft_ray.config import ConfigError, ModelConfig, from_dict, to_dict
 from ft_ray.data.manifest import file_sha256
-from ft_ray.model import build_model
 
 TRAIN_STATE = "train_state.json"
-BUNDLE_FILES = ("model.safetensors", "config.json", "metrics.json")
 CHECKSUMS = "checksums_rank{}.json"
 QUARANTINE = "quarantine"  # where the driver moves damaged checkpoints that Ray does not track
 
@@ -180,55 +173,3 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The unsharded model state on CPU. Collective under FSDP: every rank must call it."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return typing.cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))  # tensors only
-
-
-def write_bundle(out_dir: str | Path, state: dict[str, torch.Tensor], model_cfg: ModelConfig,
-                 metrics: dict, tokenizer_path: str | Path | None = None,
-                 dtype: torch.dtype = torch.float32) -> Path:
-    """Write a serving bundle atomically (rank 0 only)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        # clone: tied weights share storage, which safetensors refuses
-        tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in state.items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(to_dict(model_cfg), indent=2))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def load_bundle(path: str | Path, device: str | torch.device = "cpu"):
-    """Load a bundle: (model in eval mode, ModelConfig, metrics dict). No pickle anywhere."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{path}: not a complete bundle, missing {', '.join(missing)}")
-    try:
-        cfg = from_dict(ModelConfig, json.loads((path / "config.json").read_text()),
-                        str(path / "config.json"))
-    except json.JSONDecodeError as e:
-        raise ConfigError("<file>", f"not valid JSON: {e}", str(path / "config.json")) from None
-    model = build_model(cfg)
-    state = load_file(str(path / "model.safetensors"), device=str(device))
-    dtype = next(iter(state.values())).dtype
-    model.to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True)
-    metrics = json.loads((path / "metrics.json").read_text())
-    return model.eval(), cfg, metrics

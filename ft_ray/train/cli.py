@@ -14,8 +14,10 @@ import argparse
 import json
 import sys
 
+from ft_ray.cluster import ensure_ray
 from ft_ray.config import load_config
-from ft_ray.launch import command_main, ensure_ray, one_line_errors, resolve_preset
+from ft_ray.entrypoint import one_line_errors
+from ft_ray.presets import resolve_preset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +48,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"[ft-ray] outputs: {run_dir} (metrics train.csv/eval.csv, tb/, checkpoints, bundle/)")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    return command_main(__doc__, add_arguments, run, argv)

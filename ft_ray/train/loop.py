@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ft_ray.bundle import write_bundle
 from ft_ray.config import Config, from_dict, to_dict
 from ft_ray.data.pipeline import synthetic_task_of
 from ft_ray.model import build_model
-from ft_ray.train.checkpoint import full_state_dict, load_checkpoint, save_checkpoint, write_bundle
+from ft_ray.train.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
 from ft_ray.train.evaluate import batch_metrics, letter_plan_eval
 from ft_ray.train.metrics import MetricsWriter, peak_flops, peak_memory_mib
 from ft_ray.train.optim import build_optimizer, build_scheduler

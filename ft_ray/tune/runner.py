@@ -23,8 +23,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from ft_ray.cluster import ensure_ray
 from ft_ray.config import ConfigError
-from ft_ray.launch import command_main, ensure_ray, one_line_errors
+from ft_ray.entrypoint import one_line_errors
 from ft_ray.train.tracking import prepare_experiment
 from ft_ray.tune.space import (
     SweepSpec,
@@ -331,10 +332,3 @@ def run(args: argparse.Namespace) -> int:
             return e.exit_code
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    return command_main(__doc__, add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

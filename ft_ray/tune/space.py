@@ -44,7 +44,7 @@ from typing import Any
 import yaml
 
 from ft_ray.config import Config, ConfigError, check_tracking, is_single_name, load_config
-from ft_ray.launch import resolve_preset
+from ft_ray.presets import resolve_preset
 from ft_ray.train.tracking import embedded_store_uri
 
 # what the training loop reports (see train/loop.py); FT-only ones are absent for the baseline

@@ -1,17 +1,14 @@
-"""What every entry point shares: joining or starting Ray, presets, and one-line errors."""
+"""Joining or starting Ray: what every entry point does before any Ray work.
+
+`ensure_ray()` joins the cluster named by RAY_ADDRESS (a `ray job submit` job, a cluster you
+started) or starts an embedded local one sized to the machine, with the environment every
+process of the cluster should inherit (`cluster_env`).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
-import sys
-from pathlib import Path
-
-from ft_ray.config import ConfigError
-
-PRESET_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
-EXIT_BAD_INPUT = 2
 
 # set before Ray starts so every process of the cluster inherits them
 DEFAULT_ENV = {
@@ -36,18 +33,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def resolve_preset(name_or_path: str) -> Path:
-    """`smoke` -> jobs/configs/smoke.yaml; a path is used as given."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    preset = PRESET_DIR / f"{name_or_path}.yaml"
-    if not preset.exists():
-        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-        raise ConfigError("--config", f"unknown preset {name_or_path!r} (presets: {known})")
-    return preset
 
 
 def cluster_env(joining: bool) -> dict[str, str]:
@@ -77,25 +62,3 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
 
         DataContext.get_current().enable_progress_bars = False
     return True
-
-
-@contextlib.contextmanager
-def one_line_errors():
-    """Bad input ends with one line on stderr and exit status 2, not a traceback."""
-    from ft_ray.data.errors import DataError
-    from ft_ray.train.checkpoint import CheckpointError
-
-    try:
-        yield
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"ft-ray: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-
-
-def command_main(doc: str | None, add_arguments, run, argv: list[str] | None = None) -> int:
-    """`main()` of a `python -m jobs.<name>` entry point: parse with `add_arguments`, then `run`."""
-    import argparse
-
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
