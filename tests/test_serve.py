@@ -137,7 +137,8 @@ def test_bad_input_is_a_4xx_naming_the_field(server, body, status, param):
 
 
 def test_malformed_nan_and_oversized_bodies(server):
-    r = server.post("/v1/completions", content=b'{"model": "ft", "prompt": ', headers={"content-type": "application/json"})
+    r = server.post("/v1/completions", content=b'{"model": "ft", "prompt": ',
+                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "body"
     r = server.post("/v1/completions", content=b'{"model": "ft", "prompt": "a", "temperature": NaN}')
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
@@ -402,7 +403,8 @@ def test_openai_defaults_and_token_id_prompts(server, engines):
 def test_metrics_endpoint_is_prometheus_text(server):
     _post(server, {"model": "base", "prompt": "m", "max_tokens": 3})
     text = server.get("/metrics").text
-    assert "ftray_generation_tokens_total" in text and 'ftray_requests_total{route="/v1/completions",status="200"}' in text
+    assert "ftray_generation_tokens_total" in text
+    assert 'ftray_requests_total{route="/v1/completions",status="200"}' in text
     assert "ftray_num_requests_running" in text and "ftray_time_per_output_token_seconds_bucket" in text
 
 

@@ -169,6 +169,7 @@ def _plan(items: list[ScoreItem], k: int, width: int, device) -> torch.Tensor | 
         return None
     z = torch.zeros((len(items), width), dtype=torch.long)
     for b, it in enumerate(items):
+        assert it.codes is not None  # one model's items: all have plans when the first has
         z[b, :it.codes.shape[1]] = it.codes[k]
     return z.to(device)
 
@@ -224,6 +225,7 @@ class PlanScorer:
 
     def scores(self) -> list[Score]:
         lme = self._lme()  # running LME
+        assert self.mix is not None  # set by plan 0; _lme checked that every plan ran
         steps = (lme[:, 1:] - lme[:, :-1]).cpu()  # (B, T) per-token logprobs
         greedy = (self.mix.argmax(-1) == self.targets).cpu()  # (B, T)
         out = []
@@ -238,9 +240,10 @@ class PlanScorer:
         """Per item, per scored token: the `num` most likely tokens at its position under the
         plan-averaged predictive, as (token id, logprob), most likely first."""
         self._lme()  # all plans ran
+        assert self.mix is not None  # set by plan 0
         mix = self.mix - torch.logsumexp(self.mix, dim=-1, keepdim=True)  # (B, T, V) normalised
-        values, ids = mix.topk(min(num, mix.shape[-1]), dim=-1)  # (B, T, num)
-        values, ids = values.cpu().tolist(), ids.cpu().tolist()
+        top_values, top_ids = mix.topk(min(num, mix.shape[-1]), dim=-1)  # (B, T, num)
+        values, ids = top_values.cpu().tolist(), top_ids.cpu().tolist()
         out = []
         for b, it in enumerate(self.items):
             end = len(it.tokens) - 1
@@ -271,7 +274,7 @@ def score(model, items: list[ScoreItem], batch_size: int = DEFAULT_BATCH_SIZE) -
     if len(plan_counts) > 1:  # a batch runs one forward per plan index k
         raise ValueError(f"items must all have the same number of plans, got {sorted(map(str, plan_counts))}")
     order = sorted(range(len(items)), key=lambda i: -len(items[i].tokens))
-    out: list[Score | None] = [None] * len(items)
+    out: dict[int, Score] = {}  # item index -> its score
     todo = [i for i in order if items[i].num_scored > 0]
     for i in order:
         if items[i].num_scored == 0:
@@ -280,7 +283,7 @@ def score(model, items: list[ScoreItem], batch_size: int = DEFAULT_BATCH_SIZE) -
         chunk = todo[start:start + batch_size]
         for i, s in zip(chunk, _score_batch(model, [items[i] for i in chunk])):
             out[i] = s
-    return out
+    return [out[i] for i in range(len(items))]
 
 
 @torch.no_grad()

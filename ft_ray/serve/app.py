@@ -29,10 +29,12 @@ import time
 import uuid
 import weakref
 from pathlib import Path
+from typing import cast
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
+from ray.serve import Deployment
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ft_ray.serve.engine import Engine
@@ -284,6 +286,7 @@ class FTServer:
         failed generation ends with an error event and [DONE]. A client that disconnects cancels
         the generator: its requests leave the batch at the next decode step."""
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        head = {"id": rid, "object": "text_completion", "created": created, "model": engine.name}  # in every chunk
         self.active_streams += 1
         t0, first = time.perf_counter(), None
         try:
@@ -299,10 +302,10 @@ class FTServer:
                         if event.usage is not None:
                             usage["prompt_tokens"] += event.usage.prompt_tokens
                             usage["completion_tokens"] += event.usage.completion_tokens
-                        messages.append(f"data: {dumps({'id': rid, 'object': 'text_completion', 'created': created, 'model': engine.name, 'choices': [chunk]})}\n\n")
+                        messages.append(f"data: {dumps({**head, 'choices': [chunk]})}\n\n")
                     yield "".join(messages)
             if include_usage:
-                yield f"data: {dumps({'id': rid, 'object': 'text_completion', 'created': created, 'model': engine.name, 'choices': [], 'usage': usage_json(**usage)})}\n\n"
+                yield f"data: {dumps({**head, 'choices': [], 'usage': usage_json(**usage)})}\n\n"
             self.metrics.request_done(engine.name, time.perf_counter() - t0, usage["completion_tokens"], first)
             yield "data: [DONE]\n\n"
         except RequestCancelled:
@@ -349,7 +352,8 @@ class FTServer:
             files = {(self.models_dir / n / "tokenizer.json").read_bytes() for n in names}
             self._shared_tokenizer = {"names": names, "shared": len(files) == 1}
         if not self._shared_tokenizer["shared"]:
-            raise RequestError("model", f"is required: the served models ({', '.join(names)}) have different tokenizers")
+            raise RequestError("model", f"is required: the served models ({', '.join(names)}) have "
+                                        "different tokenizers")
         return await self.engine(names[0])
 
     async def _tokenizer_call(self, request: Request, route: str):
@@ -387,11 +391,13 @@ def app(args: dict):
     """Application builder for `serve run serve_apps.app:app models_dir=...` and config files."""
     unknown = set(args) - set(APP_ARGS)
     if unknown or "models_dir" not in args:
-        raise ValueError(f"serve_apps.app: args must be {sorted(APP_ARGS)} with models_dir required; got {sorted(args)}")
+        raise ValueError(f"serve_apps.app: args must be {sorted(APP_ARGS)} with models_dir required; "
+                         f"got {sorted(args)}")
     kwargs = dict(args)
     if isinstance(kwargs.get("preload"), str):
         kwargs["preload"] = [s for s in kwargs["preload"].split(",") if s]
     for key in ("max_num_seqs", "max_num_batched_tokens", "max_waiting"):
         if key in kwargs:
             kwargs[key] = int(kwargs[key])
-    return FTServer.bind(**kwargs)
+    # a Deployment at run time (@serve.deployment), but mypy ignores class decorators
+    return cast(Deployment, FTServer).bind(**kwargs)

@@ -249,10 +249,9 @@ class Engine:
             loop = None
         if self._closed:
             raise RequestError("model", f"model {self.name!r} was unloaded; retry", status=503, retry_after=1.0)
-        job = self._prepare_score(request)
+        job = self._prepare_score(request, RequestHandle(request, False, loop))
         if loop is not None:
             self.start()
-        job.handle = RequestHandle(request, False, loop)
         self._scheduler.scoring.submit(job, bounded=loop is not None)
         self._scheduler.wake.set()
         return job.handle
@@ -275,8 +274,9 @@ class Engine:
         handles = [self._submit(seq, False, None, bounded=False) for seq in prepared]
         results = []
         for handle in handles:
-            *_, end = self._items(handle)
-            results.append(end.unwrap())
+            result = self._wait(handle)
+            assert isinstance(result, GenerationResult)  # a generation's handle (not a score's)
+            results.append(result)
         return results
 
     def score(self, requests: list[GenerationRequest]) -> list[PromptScore]:
@@ -284,8 +284,9 @@ class Engine:
         handles = [self.submit_score(req) for req in requests]
         out = []
         for handle in handles:
-            *_, end = self._items(handle)
-            out.append(end.unwrap())
+            score = self._wait(handle)
+            assert isinstance(score, PromptScore)  # a score's handle (from submit_score)
+            out.append(score)
         return out
 
     def stream(self, request: GenerationRequest) -> Iterator[StreamEvent]:
@@ -310,6 +311,12 @@ class Engine:
     @property
     def _threaded(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def _wait(self, handle: RequestHandle) -> GenerationResult | PromptScore:
+        """A sync handle's result (its stream events skipped), or its error raised."""
+        *_, end = self._items(handle)
+        assert isinstance(end, End)  # _items stops at the End
+        return end.unwrap()
 
     def _items(self, handle: RequestHandle) -> Iterator[StreamEvent | End]:
         """A sync handle's items, up to its End. Without a loop thread, the steps run here."""
@@ -350,16 +357,18 @@ class Engine:
         return Sequence(req, ids, seed, row_seeds, plan_seeds, self._decode, self.eos_id, self.device)
 
 
-    def _prepare_score(self, req: GenerationRequest) -> ScoreJob:
+    def _prepare_score(self, req: GenerationRequest, handle: RequestHandle) -> ScoreJob:
         """The scoring job of a request's prompt: K prior plans from plan.seed, else the request's
         seed, else a fresh seed (reported back); a baseline is exact."""
         if not isinstance(req, GenerationRequest) or not req.scores_prompt:
             raise TypeError("expected a GenerationRequest with echo=True and logprobs set")
+        num_top = req.logprobs
+        assert num_top is not None  # scores_prompt: echo and logprobs set
         ids = self.encode(req.prompt)
         check_request(req, self._info, len(ids))
         echo_from = len(ids) - len(req.prompt) if isinstance(req.prompt, list) else 1  # 1: BOS added here
         if len(ids) < 2:  # nothing after BOS: no token to score
-            return ScoreJob(ScoreItem(ids, 0), echo_from, req.logprobs, None)
+            return ScoreJob(ScoreItem(ids, 0), echo_from, num_top, None, handle)
         seed = num_plans = None
         if self.is_ft:
             plan = req.plan or PlanSpec()
@@ -367,7 +376,7 @@ class Engine:
             seed = plan.seed if plan.seed is not None else req.seed
             seed = secrets.randbits(63) if seed is None else seed
         item = prompt_item(self.model, ids, num_plans or 1, 0 if seed is None else seed)
-        return ScoreJob(item, echo_from, req.logprobs, seed)
+        return ScoreJob(item, echo_from, num_top, seed, handle)
 
 
 def _run_loop(scheduler: Scheduler, stop: threading.Event) -> None:

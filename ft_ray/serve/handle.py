@@ -18,21 +18,23 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ft_ray.serve.requests import GenerationRequest
-from ft_ray.serve.results import GenerationError, GenerationResult, StreamEvent
+from ft_ray.serve.results import GenerationError, GenerationResult, PromptScore, StreamEvent
 
 _ids = itertools.count()
 
 
 @dataclass
 class End:
-    """The last item of a handle: the result, or the error the request failed with."""
+    """The last item of a handle: the result (a generation's, or a prompt score's), or the error
+    the request failed with."""
 
-    result: GenerationResult | None = None
+    result: GenerationResult | PromptScore | None = None
     error: BaseException | None = None
 
-    def unwrap(self) -> GenerationResult:
+    def unwrap(self) -> GenerationResult | PromptScore:
         if self.error is not None:
             raise self.error
+        assert self.result is not None  # every End is made with a result or an error
         return self.result
 
 
@@ -69,7 +71,7 @@ class RequestHandle:
     def __await__(self):
         return self._result().__await__()
 
-    async def _result(self) -> GenerationResult:
+    async def _result(self) -> GenerationResult | PromptScore:
         self._check_async()
         while True:
             item = await self._queue.get()
@@ -117,6 +119,7 @@ class RequestHandle:
         queue.Empty when there is none."""
         if self._loop is not None:
             raise TypeError("this handle belongs to an event loop: await it")
+        assert isinstance(self._queue, queue.SimpleQueue)  # made without a loop
         return self._queue.get_nowait() if timeout == 0 else self._queue.get(timeout=timeout)
 
 

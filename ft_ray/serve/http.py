@@ -79,7 +79,8 @@ def _check_text(text: str, field: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise RequestError(field, f"contains a lone surrogate ({text.encode('utf-8', 'backslashreplace')[:40]!r})") from None
+        shown = text.encode("utf-8", "backslashreplace")[:40]
+        raise RequestError(field, f"contains a lone surrogate ({shown!r})") from None
 
 
 def check_openai_fields(body: dict) -> None:
@@ -137,7 +138,7 @@ def logprobs_json(entries: list, token_text: Callable[[int], str], offsets: list
     """OpenAI's legacy completions `logprobs` object from TokenLogprobs: token strings, their
     logprobs (null for a first token with nothing before it), the alternatives as {token: logprob}
     (the chosen token included, so up to N+1 of them, as OpenAI returns) and character offsets."""
-    tops = []
+    tops: list[dict[str, float] | None] = []
     for e in entries:
         if e.logprob is None:
             tops.append(None)

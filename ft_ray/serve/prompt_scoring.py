@@ -39,7 +39,7 @@ class ScoreJob:
     echo_from: int
     num_top: int  # alternatives per token (the request's logprobs)
     plan_seed: int | None  # None for a baseline
-    handle: RequestHandle | None = None
+    handle: RequestHandle
     ended: bool = False
     tokens: int = field(init=False)
 
@@ -108,6 +108,7 @@ class ScoreQueue:
         if not self._batch and not self._start():
             return
         scorer = self._scorer
+        assert scorer is not None  # set with the batch (by _start)
         count = max(1, budget // scorer.num_tokens)
         try:
             for _ in range(min(count, scorer.num_plans - len(scorer.prefix))):
@@ -117,7 +118,8 @@ class ScoreQueue:
                 return
             scores = scorer.scores()
             top = scorer.top_logprobs(max(job.num_top for job in self._batch) or 1)
-            results = [job.result(s.token_logprobs, t) for job, s, t in zip(self._batch, scores, top, strict=True)]
+            results: list[PromptScore | End] = [job.result(s.token_logprobs, t)
+                                                for job, s, t in zip(self._batch, scores, top, strict=True)]
         except Exception as e:  # this batch's forward or numbers failed: its jobs fail, nothing else
             log.exception("model %r: scoring a batch of %d prompts failed", self.name, len(self._batch))
             results = [failed(e)] * len(self._batch)

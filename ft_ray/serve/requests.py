@@ -108,10 +108,11 @@ class GenerationRequest:
     """One completion request. The prompt is text; an empty prompt is allowed and means "start from
     BOS alone" (unconditional samples, e.g. to look at the FT's prior plans).
 
-    temperature 0 is greedy decoding (positive values below MIN_TEMPERATURE are refused); top_k / top_p None disable those filters. Generation of a sample
-    stops at EOS, when its text contains one of `stop` (the text is cut before it), or after
-    `max_tokens`. `seed` None draws a fresh seed, reported back in the result. `n` samples per
-    request; `plan` only for Free Transformer models (a dict is parsed into a `PlanSpec`).
+    temperature 0 is greedy decoding (positive values below MIN_TEMPERATURE are refused); top_k /
+    top_p None disable those filters. Generation of a sample stops at EOS, when its text contains
+    one of `stop` (the text is cut before it), or after `max_tokens`. `seed` None draws a fresh
+    seed, reported back in the result. `n` samples per request; `plan` only for Free Transformer
+    models (a dict is parsed into a `PlanSpec`).
 
     Scoring (OpenAI's legacy completions fields): `logprobs` N returns each generated token's
     logprob and the N most likely alternatives (of the distribution before temperature and
@@ -206,7 +207,7 @@ def check_request(req: GenerationRequest, info: EngineInfo, num_prompt_tokens: i
                 raise RequestError(f"plan.codes[{i}]", f"must be in [0, 2^{info.latent_bits} = {top}), got {c}")
 
 
-def validate_request(body: Any, info: EngineInfo, encode: Callable[[str], list[int]],
+def validate_request(body: Any, info: EngineInfo, encode: Callable[[str | list[int]], list[int]],
                      allowed_extra: frozenset[str] | set[str] = frozenset()) -> GenerationRequest:
     """Parse a JSON body (already decoded) into a checked `GenerationRequest`.
 

@@ -72,11 +72,14 @@ class Scheduler:
     in one thread at a time (the engine's loop thread, or a synchronous caller)."""
 
     def __init__(self, model, is_ft: bool, cfg: SchedulerConfig, slot_len: int, name: str, stats: EngineStats):
-        if cfg.max_num_batched_tokens is None:
-            cfg = dataclasses.replace(cfg, max_num_batched_tokens=max(2048, slot_len))
-        if cfg.max_num_batched_tokens < slot_len:
-            raise ValueError(f"max_num_batched_tokens={cfg.max_num_batched_tokens} must be >= the slot "
+        budget = cfg.max_num_batched_tokens
+        if budget is None:
+            budget = max(2048, slot_len)
+            cfg = dataclasses.replace(cfg, max_num_batched_tokens=budget)
+        if budget < slot_len:
+            raise ValueError(f"max_num_batched_tokens={budget} must be >= the slot "
                              f"length {slot_len}, or a long prompt could never be prefilled")
+        self.token_budget = budget  # cfg.max_num_batched_tokens, resolved
         self.model, self.cfg, self.slot_len, self.name, self.stats = model, cfg, slot_len, name, stats
         self.device = model.embed.weight.device
         self.caches = model.make_caches(cfg.max_num_seqs, slot_len)  # allocated once, reused by every request
@@ -87,7 +90,7 @@ class Scheduler:
         self._admitted: list[Sequence] = []  # holding slots, in admission order (step thread only)
         self._inbox, self._stepping = threading.Lock(), threading.Lock()
         self.wake = threading.Event()  # set when there is new work for a waiting loop thread
-        self.scoring = ScoreQueue(model, cfg.max_waiting, cfg.max_num_batched_tokens, name, stats)
+        self.scoring = ScoreQueue(model, cfg.max_waiting, budget, name, stats)
 
     # ------------------------------------------------------------------ any thread
     def submit(self, seq: Sequence, bounded: bool = True) -> None:
@@ -119,11 +122,11 @@ class Scheduler:
             self.stats.steps += 1
             self._reap()
             decoding = sorted((row for seq in self._admitted for row in seq.rows
-                               if row.prefilled and row.slot is not None), key=lambda r: r.slot)
+                               if row.prefilled and row.slot is not None), key=lambda r: r.live_slot)
             if decoding:
                 self._decode(decoding)
             self._admit()
-            left = self._prefill(self.cfg.max_num_batched_tokens - len(decoding))
+            left = self._prefill(self.token_budget - len(decoding))
             self._compact()
             if self.scoring.has_work:
                 self.scoring.step(left, self.stats.steps)
@@ -159,7 +162,7 @@ class Scheduler:
 
     def _decode(self, rows: list[Row]) -> None:
         """One token for each running row, in one forward at per-row positions and slots."""
-        slots, positions = [r.slot for r in rows], [r.position for r in rows]
+        slots, positions = [r.live_slot for r in rows], [r.position for r in rows]
         tokens = torch.tensor([[r.token_ids[-1]] for r in rows], device=self.device)  # (B, 1)
         latent = None
         if self.slot_codes is not None:  # each row's own Z at its position
@@ -212,7 +215,7 @@ class Scheduler:
         prompt scoring (echo + logprobs) needs; for an FT, score with prompt codes from the prior,
         never the encoder's (it reads the tokens being scored)."""
         num_prompt = len(seq.prompt_ids)
-        slots = [seq.units[u][0].slot for u in units]
+        slots = [seq.units[u][0].live_slot for u in units]
         tokens = torch.tensor(seq.prompt_ids, device=self.device)[None].expand(len(units), -1)  # (k, T0)
         plan = seq.plan(self.model, units)
         logits = self.model.forward_tokens(tokens, plan.latent_fn if plan else None, self.caches,
@@ -225,6 +228,7 @@ class Scheduler:
                 for cache in self.caches:
                     cache.copy_prefix(rows[0].slot, [r.slot for r in rows[1:]], num_prompt)
             if codes is not None:
+                assert self.slot_codes is not None  # codes come from a plan: an FT, which has slot codes
                 seq.set_codes(u, codes[i])
                 for row in rows:
                     self.slot_codes[row.slot, :codes.shape[1]] = codes[i]
@@ -257,9 +261,10 @@ class Scheduler:
             if seq.ended:
                 continue
             try:
-                for failure in (token, logprob):
-                    if isinstance(failure, Exception):
-                        raise failure
+                if isinstance(token, Exception):
+                    raise token
+                if isinstance(logprob, Exception):
+                    raise logprob
                 delta = row.push(token, logprob)
             except Exception as e:
                 self._end(seq, failed(e))
@@ -280,25 +285,28 @@ class Scheduler:
             except Exception as e:
                 self._end(seq, failed(e))
 
-    def _logprobs(self, rows: list[Row], logits: torch.Tensor, tokens: list) -> list:
+    def _logprobs(self, rows: list[Row], logits: torch.Tensor,
+                  tokens: list[int | Exception]) -> list[TokenLogprob | Exception | None]:
         """The sampled tokens' logprobs and top alternatives, for the rows whose request asked
         (`logprobs` N): of the model's distribution (temperature 1, no filters), as vLLM returns them."""
-        want = [i for i, r in enumerate(rows) if r.seq.request.logprobs is not None and isinstance(tokens[i], int)]
+        want: list[tuple[int, int, int]] = []  # (row index, its token, its N) of the rows that asked
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            if row.seq.request.logprobs is not None and isinstance(token, int):
+                want.append((i, token, row.seq.request.logprobs))
         out: list[TokenLogprob | Exception | None] = [None] * len(rows)
         if not want:
             return out
         try:
-            lp = torch.log_softmax(logits[want].float(), dim=-1)  # (W, V)
-            num_top = min(max(rows[i].seq.request.logprobs for i in want), lp.shape[-1])
+            lp = torch.log_softmax(logits[[i for i, _, _ in want]].float(), dim=-1)  # (W, V)
+            num_top = min(max(n for _, _, n in want), lp.shape[-1])
             values, ids = lp.topk(max(num_top, 1), dim=-1)  # (W, num_top)
-            chosen = lp[torch.arange(len(want)), torch.tensor([tokens[i] for i in want])].tolist()
-            for j, i in enumerate(want):
-                n = rows[i].seq.request.logprobs
+            chosen = lp[torch.arange(len(want)), torch.tensor([token for _, token, _ in want])].tolist()
+            for j, (i, token, n) in enumerate(want):
                 best = dict(zip(ids[j, :n].tolist(), values[j, :n].tolist()))
-                best[tokens[i]] = chosen[j]  # the chosen token is always there, with its own logprob
-                out[i] = TokenLogprob(tokens[i], chosen[j], sorted(best.items(), key=lambda kv: -kv[1]))
+                best[token] = chosen[j]  # the chosen token is always there, with its own logprob
+                out[i] = TokenLogprob(token, chosen[j], sorted(best.items(), key=lambda kv: -kv[1]))
         except Exception as e:  # fails the requests that asked for logprobs, not their batch-mates
-            for i in want:
+            for i, _, _ in want:
                 out[i] = e
         return out
 
@@ -312,26 +320,31 @@ class Scheduler:
                 draws.append(row.draw())
             except Exception as e:
                 draws.append(e)
-        ok = [i for i, d in enumerate(draws) if not isinstance(d, Exception)]
-        out: list[int | Exception] = list(draws)
+        ok = {i: d for i, d in enumerate(draws) if isinstance(d, torch.Tensor)}  # row index -> its draw
+        # the rows that could not draw keep their error; every other row is set below
+        out: list[int | Exception] = [d if isinstance(d, Exception) else RuntimeError("row not sampled")
+                                      for d in draws]
         try:
             settings = {rows[i].settings() for i in ok}
+            t: float | torch.Tensor  # one number for every row, or one per row
+            k: int | torch.Tensor
+            p: float | torch.Tensor
             if len(settings) == 1:  # one setting for all (e.g. one request): numbers, fewer ops
                 t, k, p = settings.pop()
             else:
                 columns = zip(*(rows[i].settings() for i in ok), strict=True)
                 t, k, p = (torch.tensor(c, dtype=dt, device=self.device)
                            for c, dt in zip(columns, (torch.float64, torch.int64, torch.float64), strict=True))
-            batch = logits if len(ok) == len(rows) else logits[torch.tensor(ok, device=self.device)]
-            tokens, bad = sample_rows(batch, t, k, p, torch.cat([draws[i] for i in ok]))
+            batch = logits if len(ok) == len(rows) else logits[torch.tensor(list(ok), device=self.device)]
+            tokens, bad = sample_rows(batch, t, k, p, torch.cat(list(ok.values())))
             for j, (i, token) in enumerate(zip(ok, tokens.tolist(), strict=True)):
                 out[i] = ValueError(BAD_ROW) if bad is not None and bool(bad[j]) else token
             return out
         except Exception:
             log.exception("batched sampling failed; sampling each row alone")
-        for i in ok:
+        for i, u in ok.items():
             try:
-                out[i] = rows[i].sample(logits[i], draws[i])
+                out[i] = rows[i].sample(logits[i], u)
             except Exception as e:
                 out[i] = e
         return out

@@ -52,6 +52,12 @@ class Row:
         return self.finish_reason is not None
 
     @property
+    def live_slot(self) -> int:
+        """Its cache slot, for a row that must hold one (it is being prefilled or decoded)."""
+        assert self.slot is not None, f"row {self.index} holds no cache slot"
+        return self.slot
+
+    @property
     def position(self) -> int:
         """Position of its last token: the one the next decode step feeds."""
         return len(self.seq.prompt_ids) + len(self.token_ids) - 1
@@ -99,12 +105,15 @@ class Row:
         return delta
 
     def choice(self) -> Choice:
+        assert self.finish_reason is not None  # a choice is reported once its row has finished
         return Choice(self.index, self.text, list(self.token_ids), self.finish_reason, self.seed, self.codes,
                       None if self.logprobs is None else list(self.logprobs))
 
 
 class Sequence:
     """A checked request: prompt ids, seed, rows, prefill units and (FT) one plan seed per unit."""
+
+    handle: RequestHandle  # set by Engine._submit, before the scheduler ever sees the sequence
 
     def __init__(self, request: GenerationRequest, prompt_ids: list[int], seed: int, row_seeds: list[int],
                  plan_seeds: list[int], decode: Callable[[list[int]], str], eos: int, device: torch.device):
@@ -115,7 +124,6 @@ class Sequence:
         shared = len(plan_seeds) <= 1  # a baseline, a shared plan, or n = 1
         self.units = [self.rows] if shared else [[row] for row in self.rows]
         self.pending = deque(range(len(self.units)))  # units not prefilled yet
-        self.handle: RequestHandle | None = None
         self.ended = False
 
     @property
@@ -135,7 +143,9 @@ class Sequence:
             new_codes = codes[:, -num_new:]
             if codes.shape[1] == num_prompt + num_new:
                 prompt_codes = codes[:, :num_prompt]
-        generators = seeded_generators([self.plan_seeds[u] for u in units], self.device)
+        seeds = [self.plan_seeds[u] for u in units]
+        # typed as Plan takes them (where None would mean torch's global generator)
+        generators: list[torch.Generator | None] = list(seeded_generators(seeds, self.device))
         return Plan(model, len(units), num_new, generators, prompt_codes, new_codes)
 
     def set_codes(self, unit: int, codes: torch.Tensor) -> None:
