@@ -4,7 +4,9 @@ on the same data, trained (or loaded when their bundle is complete), evaluated h
     python -m jobs.compare --config letters-ft --kappa 0.125 1 2 [--set train.max_steps=400]
 
 Writes <out>/report.md with the table (honest NLL bound, ELBO/IWAE, leaky CE, KL, Z-usage gap,
-tokens/s, parameters), curves.png, kl_vs_kappa.png and, for the letter task, samples.png.
+tokens/s, parameters), a downstream table (the offline lm-eval tasks matching the data, over
+plan seeds: mean and 95% interval, chance level), curves.png, kl_vs_kappa.png and, for the letter
+task, samples.png.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from ft_ray.cluster import ensure_ray
-from ft_ray.config import Config, load_config
+from ft_ray.config import Config, ConfigError, load_config
 from ft_ray.data.pipeline import synthetic_task_of
 from ft_ray.entrypoint import one_line_errors
 from ft_ray.presets import resolve_preset
@@ -32,6 +34,12 @@ from ft_ray.report import (
     read_csv,
 )
 
+# downstream tasks (ft_ray/eval/tasks) of the synthetic data a comparison trains on, unless
+# train.eval_tasks or --eval-tasks name others
+DOWNSTREAM_TASKS = {"letters": ["ftray_letters"], "arith": ["ftray_arith_choice", "ftray_arith_gen"]}
+DOWNSTREAM_COLUMNS = [("model", "model", "s"), ("task", "task", "s"), ("metric", "metric", "s"),
+                      ("value", "mean ± 95% over plan seeds", "s"), ("n", "plan seeds", "d"),
+                      ("chance", "chance", ".2f")]
 PLAN_EVAL_GROUPS = 24  # letter-task sample groups (8 samples each) per kind of plan and model
 
 COLUMNS = [("arm", "model", "s"), ("kappa", "kappa (bits)", "g"), ("nll", "NLL bound (nats/tok)", ".4f"),
@@ -74,8 +82,42 @@ def _finished_bundle(run_dir: Path, max_steps: int) -> bool:
     return metrics.exists() and json.loads(metrics.read_text()).get("step") == max_steps
 
 
+def downstream_tasks(cfg: Config, requested: list[str] | None = None) -> list[str]:
+    if requested is not None:
+        return requested
+    return list(cfg.train.eval_tasks) or DOWNSTREAM_TASKS.get(synthetic_task_of(cfg.data) or "", [])
+
+
+def downstream_rows(models: dict[str, tuple[Any, Any]], tasks: list[str], seeds: list[int], limit: int,
+                    num_plans: int) -> list[dict]:
+    """Per model (label -> (model, tokenizer)), task and metric: the mean over plan seeds with its
+    95% interval, as `ft-ray eval` reports it (a baseline is scored once: it has no plan)."""
+    from ft_ray.eval.summary import ACCURACY_METRICS, interval95
+    from ft_ray.eval.tasks import CHANCE_ACCURACY
+    from ft_ray.eval.units import downstream_metrics
+
+    rows = []
+    for label, (model, tokenizer) in models.items():
+        values: dict[str, list[float]] = {}
+        for seed in seeds if model.has_latent else seeds[:1]:
+            for key, value in downstream_metrics(model, tokenizer, tasks, limit, num_plans, seed=seed).items():
+                values.setdefault(key, []).append(value)
+        for key, vs in values.items():
+            _, task, metric = key.split("/", 2)
+            ci = interval95(vs)
+            mean = statistics.fmean(vs)
+            rows.append({"model": label, "task": task, "metric": metric, "mean": mean, "n": len(vs),
+                         "ci95": ci, "value": f"{mean:.3f}" + (f" ± {(ci[1] - ci[0]) / 2:.3f}" if ci else ""),
+                         "chance": CHANCE_ACCURACY.get(task) if metric in ACCURACY_METRICS else None})
+    return rows
+
+
 def run_compare(cfg_path: Path, overrides: list[str], kappas: list[float], out_dir: Path,
-                retrain: bool = False) -> Path:
+                retrain: bool = False, eval_tasks: list[str] | None = None, eval_seeds: int = 3,
+                eval_limit: int = 100, eval_num_plans: int = 8) -> Path:
+    """Train (or reuse) every arm, evaluate, write the report; `eval_tasks` (None: the data's
+    default, see DOWNSTREAM_TASKS; [] for none) over `eval_seeds` plan seeds, `eval_limit`
+    documents per task, K = `eval_num_plans`."""
     from ft_ray.bundle import load_bundle
     from ft_ray.train.evaluate import letter_plan_eval
     from ft_ray.train.trainer import fit, resolve, run_dir_of
@@ -83,7 +125,17 @@ def run_compare(cfg_path: Path, overrides: list[str], kappas: list[float], out_d
     configs = arms(cfg_path, overrides, kappas)
     for cfg in configs.values():
         resolve(cfg)  # every arm's config, data and storage are checked before anything trains
-    rows, models, run_dirs, kl_points = [], {}, {}, []
+    from ft_ray.data import tokenizer as tk
+    from ft_ray.eval.tasks import TASK_NAMES
+
+    tasks = downstream_tasks(configs["baseline"], eval_tasks)
+    unknown = [t for t in tasks if t not in TASK_NAMES]
+    if unknown:  # before anything trains
+        raise ConfigError("--eval-tasks", f"unknown task(s) {', '.join(unknown)}: expected tasks of the offline "
+                                          f"suite ({', '.join(TASK_NAMES)})")
+    if eval_seeds < 1 or eval_limit < 1:
+        raise ConfigError("--eval-seeds/--eval-limit", f"must be >= 1, got {eval_seeds} and {eval_limit}")
+    rows, models, run_dirs, kl_points, scored = [], {}, {}, [], {}
     for label, cfg in configs.items():
         run_dir = run_dir_of(cfg)
         if retrain or not _finished_bundle(run_dir, cfg.train.max_steps):
@@ -93,6 +145,7 @@ def run_compare(cfg_path: Path, overrides: list[str], kappas: list[float], out_d
         else:
             print(f"[ft-ray] compare: reusing the finished run {run_dir}", flush=True)
         model, _, _ = load_bundle(run_dir / "bundle")
+        scored[label] = (model, tk.load_tokenizer(str(run_dir / "bundle" / "tokenizer.json")))
         kappa = cfg.model.free_bits if cfg.model.has_latent else None
         row: dict[str, Any] = {"arm": label, "kappa": kappa}
         row.update(evaluate_bundle(model, validation_rows(cfg), iwae_samples=8 if cfg.model.has_latent else 0))
@@ -125,12 +178,22 @@ def run_compare(cfg_path: Path, overrides: list[str], kappas: list[float], out_d
              markdown_table(rows, COLUMNS), "", f"![curves]({plot_curves(run_dirs, out_dir / 'curves.png').name})"]
     if len(kl_points) > 1:
         lines.append(f"![kl]({plot_kl_vs_kappa(kl_points, out_dir / 'kl_vs_kappa.png').name})")
+    downstream = []
+    if tasks:
+        print(f"[ft-ray] compare: downstream tasks {', '.join(tasks)} over {eval_seeds} plan seeds", flush=True)
+        downstream = downstream_rows(scored, tasks, list(range(eval_seeds)), eval_limit, eval_num_plans)
+        lines += ["", "## Downstream (lm-evaluation-harness, offline tasks)", "",
+                  f"{', '.join(tasks)} on at most {eval_limit} documents each, through the lm-eval model "
+                  f"`ft-ray` (a Free Transformer scored with K = {eval_num_plans} prior plans, never the "
+                  "encoder's Z; a baseline exactly, once). Mean over plan seeds with its 95% Student-t "
+                  "interval; chance is a uniform guess.", "", markdown_table(downstream, DOWNSTREAM_COLUMNS)]
     if models and synthetic_task_of(configs["baseline"].data) == "letters":
         lines += ["", "Samples (the paper's Fig. 4): per model, rows with fresh plans, then rows sharing one plan.",
                   f"![samples]({plot_letter_samples(models, out_dir / 'samples.png').name})"]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     (out_dir / "results.json").write_text(json.dumps(rows, indent=2, default=float))
+    (out_dir / "downstream.json").write_text(json.dumps(downstream, indent=2, default=float))
     print(markdown_table(rows, COLUMNS))
     print(f"[ft-ray] report: {report}")
     return report
@@ -143,10 +206,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default="results/compare", help="report directory (default: results/compare)")
     p.add_argument("--retrain", action="store_true", help="train again even when a finished bundle exists")
+    p.add_argument("--eval-tasks", default=None, metavar="T1,T2",
+                   help="offline downstream tasks for the report (default: those of the data, e.g. "
+                        "ftray_arith_choice,ftray_arith_gen for arith; 'none' for none)")
+    p.add_argument("--eval-seeds", type=int, default=3, help="plan seeds per FT and task (default: 3)")
+    p.add_argument("--eval-limit", type=int, default=100, help="documents per task (default: 100)")
 
 
 def run(args: argparse.Namespace) -> int:
     with one_line_errors():
-        run_compare(resolve_preset(args.config), args.overrides, args.kappa, Path(args.out), args.retrain)
+        tasks = None if args.eval_tasks is None else [t for t in args.eval_tasks.split(",") if t and t != "none"]
+        run_compare(resolve_preset(args.config), args.overrides, args.kappa, Path(args.out), args.retrain,
+                    eval_tasks=tasks, eval_seeds=args.eval_seeds, eval_limit=args.eval_limit)
     return 0
 

@@ -30,6 +30,10 @@ def test_demo_end_to_end_then_reuse(ray_cluster, tmp_path, capsys):
     # (12 steps: samples may all be invalid, leaving the figures NaN; tests/test_report.py pins them)
     assert {"pos_agree_chance", "pos_agree_shared_ci95", "start_spread_fresh", "start_spread_shared"} <= set(ft)
     assert "its chance level" in report and "pos_agree_chance" not in rows["baseline"]
+    downstream = json.loads((tmp_path / "out" / "downstream.json").read_text())  # lm-eval, over plan seeds
+    assert {(r["model"], r["task"], r["metric"], r["n"]) for r in downstream} == {
+        ("baseline", "ftray_letters", "valid", 1), ("FT kappa=1", "ftray_letters", "valid", 3)}
+    assert all(0 <= r["mean"] <= 1 for r in downstream) and "## Downstream" in report
     assert "one shared plan" in out and "z=[" in out
     served = report.split("## Served over HTTP (Ray Serve)")[1]  # the Serve step's section
     assert "| baseline | (no latent) |" in served and "| ft-kappa1 | one shared plan |" in served

@@ -263,18 +263,19 @@ def evaluate_unit(settings: Settings, unit: Unit, files: dict[str, bytes]) -> di
 
 
 def downstream_metrics(model, tokenizer, tasks: list[str], limit: int, num_plans: int,
-                       seed: int = 0) -> dict[str, float]:
+                       seed: int = 0, data_seed: int = 0) -> dict[str, float]:
     """The offline suite's `tasks` on an in-memory model: {"eval/<task>/<metric>": value}, what a
     training run reports at each evaluation (train.eval_tasks) and a sweep may optimise. The
-    same lm-eval model and scoring as `ft-ray eval` (plan seed `seed`, K = `num_plans`)."""
+    same lm-eval model and scoring as `ft-ray eval`: plan seed `seed`, K = `num_plans`, the
+    suite's documents from `data_seed` (the same documents whatever the plan seed)."""
     from ft_ray.eval.lm import FtRayLM
     from ft_ray.eval.summary import metric_values
     from ft_ray.eval.tasks import evaluate_tasks, write_task_data
 
     with tempfile.TemporaryDirectory(prefix="ft-ray-eval-") as tmp:
-        suite = write_task_data(Path(tmp) / "tasks", seed)
+        suite = write_task_data(Path(tmp) / "tasks", data_seed)
         lm = FtRayLM(model=model, tokenizer=tokenizer, num_plans=num_plans, plan_seed=seed)
-        results = evaluate_tasks(lm, list(tasks), suite, limit=limit, seed=seed, bootstrap_iters=0,
+        results = evaluate_tasks(lm, list(tasks), suite, limit=limit, seed=data_seed, bootstrap_iters=0,
                                  log_samples=False)
     return {f"eval/{task}/{name}": float(value) for task in tasks
             for name, value in metric_values(results, task).items()}
