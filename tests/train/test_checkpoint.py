@@ -24,7 +24,7 @@ from ft_ray.train.checkpoint import (
 )
 from ft_ray.train.optim import build_optimizer, build_scheduler, lr_at
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
 TINY = ModelConfig(vocab_size=32, hidden_dim=16, num_layers=2, num_heads=2, latent_bits=3, max_seq_len=16)
 

@@ -29,7 +29,7 @@ from ft_ray.train.tracking import (
     run_artifacts,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
 
 

@@ -28,7 +28,7 @@ from ft_ray.eval.tasks import PAPER_TASKS, TASK_NAMES, evaluate_tasks, write_tas
 from ft_ray.eval.units import EvalPlan, Model, Settings, Unit, resolve_tasks  # noqa: E402
 from ft_ray.model import build_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("ftray_arith_choice", "ftray_arith_ppl", "ftray_letters")  # log-likelihood, rolling, generation
 LIMIT, NUM_PLANS = 3, 2
 

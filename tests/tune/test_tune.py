@@ -23,7 +23,7 @@ from ft_ray.tune.space import (
     write_space_record,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _space(tmp_path: Path, **changes) -> Path:

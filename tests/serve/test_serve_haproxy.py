@@ -23,7 +23,7 @@ from ft_ray.data.tokenizer import byte_tokenizer
 from ft_ray.model import FreeTransformer
 
 pytestmark = pytest.mark.timeout(300)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

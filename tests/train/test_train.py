@@ -21,7 +21,7 @@ from ft_ray.model import BaselineTransformer, FreeTransformer
 from ft_ray.train.checkpoint import full_state_dict
 from ft_ray.train.optim import lr_at, param_groups
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
 
 
