@@ -37,6 +37,7 @@ from ft_ray.cluster import free_port
 from ft_ray.serve.cli import INGRESS_ENV, haproxy_binary
 
 CLIENTS, MAX_TOKENS = 16, 64
+STREAM_INTERVAL = 4  # the streams row again with this stream_interval (events per SSE write)
 
 
 def _bundle(root: Path) -> Path:
@@ -182,15 +183,19 @@ def batching_rows(models: Path, quick: bool) -> list[Row]:
     port = free_port()
     _start(port)
     try:
-        measured = {}
-        for label, seqs in (("continuous", CLIENTS), ("one", 1)):
-            serve.run(FTServer.bind(str(models), max_num_seqs=seqs, max_waiting=256), name=label,
-                      route_prefix=f"/{label}")
+        measured, extra = {}, []
+        servers = (("continuous", CLIENTS, 1), ("one", 1, 1), ("interval", CLIENTS, STREAM_INTERVAL))
+        for label, seqs, interval in servers:
+            serve.run(FTServer.bind(str(models), max_num_seqs=seqs, max_waiting=256, stream_interval=interval),
+                      name=label, route_prefix=f"/{label}")
             url = f"http://127.0.0.1:{port}/{label}/v1/completions"
             _run_clients(url, [(_body(0, 8), False)], clients=1)  # warm-up
-            measured[label] = _run_clients(url, mixed)
+            if label == "interval":  # only what the interval changes: the streams
+                extra.append(_stream_row(url, f", stream_interval={interval}"))
+            else:
+                measured[label] = _run_clients(url, mixed)
             if label == "continuous":
-                extra = _latency_and_stream_rows(url)
+                extra += [_latency_row(url), _stream_row(url)]
             serve.delete(label)
     finally:
         _stop()
@@ -208,7 +213,7 @@ def batching_rows(models: Path, quick: bool) -> list[Row]:
                 f"p99 {_pct(tpot, 0.99) * 1e3:.1f} ms; decode {tok_c:.0f} tok/s per replica")]
 
 
-def _latency_and_stream_rows(url: str) -> list[Row]:
+def _latency_row(url: str) -> Row:
     import asyncio
 
     short = _body(10_000, 8)
@@ -224,14 +229,17 @@ def _latency_and_stream_rows(url: str) -> list[Row]:
             return lat
 
     busy = asyncio.run(loaded())
+    return Row(f"an 8-token request while {CLIENTS - 1} long ones decode / on an idle server", busy / idle, "x",
+               "<= 5", f"{busy * 1e3:.0f} vs {idle * 1e3:.0f} ms")
+
+
+def _stream_row(url: str, setting: str = "") -> Row:
     same = [_body(30_000 + i, 64) for i in range(CLIENTS)]
     ts, rs = _run_clients(url, [(b, True) for b in same])
     tu, ru = _run_clients(url, [(b, False) for b in same])
     stream_tps, plain_tps = sum(n for *_, n in rs) / ts, sum(n for *_, n in ru) / tu
-    return [Row(f"an 8-token request while {CLIENTS - 1} long ones decode / on an idle server", busy / idle, "x",
-                "<= 5", f"{busy * 1e3:.0f} vs {idle * 1e3:.0f} ms"),
-            Row("16 concurrent streams / the same 16 requests unstreamed, tokens/s", stream_tps / plain_tps, "x",
-                ">= 0.9", f"{stream_tps:.0f} vs {plain_tps:.0f} tok/s")]
+    return Row(f"16 concurrent streams / the same 16 requests unstreamed, tokens/s{setting}", stream_tps / plain_tps,
+               "x", ">= 0.9", f"{stream_tps:.0f} vs {plain_tps:.0f} tok/s")
 
 
 def measure_overhead(models: Path, repeats: int) -> dict:

@@ -126,11 +126,14 @@ def model_card(models_dir: Path, name: str) -> dict:
 class FTServer:
     def __init__(self, models_dir: str, preload: list[str] | None = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int | None = None, max_waiting: int = 64, api_key: str | None = None,
-                 loader=Engine.from_bundle):
+                 loader=Engine.from_bundle, stream_interval: int = 1):
         self.models_dir = Path(models_dir).absolute()
         if not self.models_dir.is_dir():
             raise FileNotFoundError(f"models_dir {self.models_dir} is not a directory")
         self.loader = loader
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
+        self.stream_interval = stream_interval  # events per SSE write after the first (vLLM's name)
         self.scheduler = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                          max_waiting=max_waiting)
         self.metrics = ServingMetrics()
@@ -291,7 +294,7 @@ class FTServer:
         t0, first = time.perf_counter(), None
         try:
             for p, (req, handle) in enumerate(zip(reqs, handles, strict=True)):
-                async for events in handle.event_batches():  # one write per batch, not per token
+                async for events in handle.event_batches(self.stream_interval):  # one write per batch
                     first = first if first is not None else time.perf_counter() - t0
                     messages = []
                     for event in events:
@@ -384,7 +387,7 @@ class FTServer:
 
 
 APP_ARGS = {"models_dir": str, "preload": list, "max_num_seqs": int, "max_num_batched_tokens": int,
-            "max_waiting": int, "api_key": str}
+            "max_waiting": int, "api_key": str, "stream_interval": int}
 
 
 def app(args: dict):
@@ -396,7 +399,7 @@ def app(args: dict):
     kwargs = dict(args)
     if isinstance(kwargs.get("preload"), str):
         kwargs["preload"] = [s for s in kwargs["preload"].split(",") if s]
-    for key in ("max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+    for key in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "stream_interval"):
         if key in kwargs:
             kwargs[key] = int(kwargs[key])
     # a Deployment at run time (@serve.deployment), but mypy ignores class decorators

@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows decoding at once per model and replica (KV cache slots, allocated once)")
     p.add_argument("--max-waiting", type=int, default=64,
                    help="requests waiting for slots; beyond it the server answers 503 with Retry-After")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="stream events per SSE write after the first (default 1: every token as soon as it is "
+                        "decoded; larger: fewer writes through the proxy, tokens a few steps later)")
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer <key>' on every route but /healthz (or set {API_KEY_ENV})")
     p.add_argument("--ingress", choices=sorted(INGRESS_ENV), default="proxy",
@@ -153,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
         if threading.current_thread() is threading.main_thread():  # after ray.init, which installs its own
             signal.signal(signal.SIGTERM, _interrupt)  # `kill`, Kubernetes, ray job stop: as Ctrl-C
         deploying = True  # from here the app `ft-ray` is ours to remove
-        app_args = {"max_num_seqs": args.max_num_seqs, "max_waiting": args.max_waiting}
+        app_args = {"max_num_seqs": args.max_num_seqs, "max_waiting": args.max_waiting,
+                    "stream_interval": args.stream_interval}
         if args.api_key:
             app_args["api_key"] = args.api_key
         url, started = deploy(models.resolve(), args.host, args.port, **app_args)

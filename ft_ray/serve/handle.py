@@ -92,15 +92,19 @@ class RequestHandle:
                 return
             yield item
 
-    async def event_batches(self) -> AsyncIterator[list[StreamEvent]]:
+    async def event_batches(self, min_events: int = 1) -> AsyncIterator[list[StreamEvent]]:
         """The stream's events in lists: each waits for one event and takes every event that is
         already queued behind it. A consumer that falls behind the decode loop (a slow client, a
-        busy proxy) then sends one message per batch instead of one per token."""
+        busy proxy) then sends one message per batch instead of one per token. After the first
+        list (sent at once: time to first token), each waits for `min_events` events or the end
+        (vLLM's stream_interval): fewer, larger writes for a small delay."""
         self._check_async()
+        wanted = 1
         while True:
             batch, end = [await self._queue.get()], None
-            while not self._queue.empty() and not isinstance(batch[-1], End):
-                batch.append(self._queue.get_nowait())
+            while not isinstance(batch[-1], End) and (len(batch) < wanted or not self._queue.empty()):
+                batch.append(await self._queue.get() if self._queue.empty() else self._queue.get_nowait())
+            wanted = min_events
             if isinstance(batch[-1], End):
                 end = batch.pop()
             if batch:

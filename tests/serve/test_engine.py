@@ -822,3 +822,31 @@ def test_event_batches_of_a_slow_consumer_hold_every_event_once(bundles, engines
         engine.close()
     assert len(batches) == 1 and len(batches[0]) >= 2  # one write instead of one per token
     assert_stream_matches([e for b in batches for e in b], solo)
+
+
+def test_event_batches_with_a_stream_interval_send_the_first_event_alone_then_groups():
+    """min_events (the app's stream_interval): the first event at once, then lists of at least
+    min_events until the end, which flushes whatever is left; nothing lost, nothing reordered."""
+    from ft_ray.serve.handle import End, RequestHandle
+    from ft_ray.serve.results import StreamEvent
+
+    async def main(num_events: int, min_events: int):
+        handle = RequestHandle(GenerationRequest("K>", max_tokens=num_events), True, asyncio.get_running_loop())
+        events = [StreamEvent(index=0, text=str(i), finish_reason=None) for i in range(num_events)]
+
+        async def produce():  # one event per "decode step", as the loop thread puts them
+            for event in events:
+                handle.put(event)
+                await asyncio.sleep(0.002)
+            handle.put(End(result="done"))  # type: ignore[arg-type]  (the result is not read here)
+
+        task = asyncio.create_task(produce())
+        batches = [batch async for batch in handle.event_batches(min_events)]
+        await task
+        return events, batches
+
+    for num_events, min_events in ((10, 4), (3, 4), (7, 1)):
+        events, batches = asyncio.run(main(num_events, min_events))
+        assert [e for b in batches for e in b] == events
+        assert len(batches[0]) == 1  # time to first token is not delayed
+        assert all(len(b) >= min_events for b in batches[1:-1])
