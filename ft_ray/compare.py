@@ -64,12 +64,12 @@ NON_LETTER_COLUMNS = [c for c in COLUMNS if c[0] not in LETTER_KEYS]  # the plan
 def arms(cfg_path: Path, overrides: list[str], kappas: list[float]) -> dict[str, Config]:
     """The baseline and one FT per kappa, each its own run name, everything else shared."""
     base = load_config(cfg_path, overrides)
-    out = {"baseline": load_config(cfg_path, [*overrides, "model.arch=baseline",
-                                              f"train.name={base.train.name}-baseline"])}
+    out = {"baseline": load_config(cfg_path, overrides, changes={"model.arch": "baseline",
+                                                                 "train.name": f"{base.train.name}-baseline"})}
     for k in kappas:
-        arm = [*overrides, "model.arch=free_transformer", f"model.free_bits={k}",
-               f"train.name={base.train.name}-kappa{k:g}"]
-        out[f"FT kappa={k:g}"] = load_config(cfg_path, arm)
+        out[f"FT kappa={k:g}"] = load_config(cfg_path, overrides, changes={
+            "model.arch": "free_transformer", "model.free_bits": float(k),
+            "train.name": f"{base.train.name}-kappa{k:g}"})
     return out
 
 

@@ -392,18 +392,24 @@ def to_json(cfg: Any) -> str:
     return json.dumps(to_dict(cfg), indent=2)
 
 
-def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
-    """Apply `a.b=c` overrides to nested plain data. Values are parsed as YAML scalars."""
-    data = json.loads(json.dumps(data))  # deep copy of plain data
+def parse_overrides(overrides: list[str], source: str = "--set") -> dict[str, Any]:
+    """`a.b=c` strings (the command line's --set) -> {"a.b": value}, values parsed as YAML scalars."""
+    changes = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "an override must look like key.path=value", source)
         key, raw = item.split("=", 1)
-        key = key.strip()
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            changes[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
-            value = raw
+            changes[key.strip()] = raw
+    return changes
+
+
+def apply_changes(data: dict, changes: dict[str, Any], source: str = "--set") -> dict:
+    """Set dotted keys ({"model.latent_bits": 8}) in a copy of nested plain data; values as given."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for key, value in changes.items():
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -415,8 +421,11 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                cls: type = Config) -> Any:
-    """Load `cls` from a YAML file (or defaults when `path` is None) plus dotted overrides."""
+                cls: type = Config, changes: dict[str, Any] | None = None) -> Any:
+    """Load `cls` from a YAML file (or defaults when `path` is None) plus dotted overrides: `a.b=c`
+    strings (the command line's --set) and then typed `changes` ({"a.b": value}: a sweep's arm, a
+    comparison's arms). Both apply to the file's data before any default is derived, so a derived
+    value (e.g. the SwiGLU width from hidden_dim) follows the change."""
     data: Any = {}
     source = "<defaults>"
     if path is not None:
@@ -432,9 +441,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError("<root>", f"expected a mapping, got {type(data).__name__}", source)
     if overrides:
         where = source if path is not None else "--set"
-        try:
-            data = apply_overrides(data, overrides, where)
-        except ConfigError:
-            raise
+        data = apply_changes(data, parse_overrides(overrides, where), where)
         source = f"{source} with --set {' '.join(overrides)}" if path is not None else "--set"
+    if changes:
+        data = apply_changes(data, changes, source)
+        source = f"{source} with {', '.join(f'{k}={v!r}' for k, v in changes.items())}"
     return from_dict(cls, data, source)

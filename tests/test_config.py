@@ -12,9 +12,10 @@ from ft_ray.config import (
     Config,
     ConfigError,
     ModelConfig,
-    apply_overrides,
+    apply_changes,
     from_dict,
     load_config,
+    parse_overrides,
     to_dict,
     to_json,
     to_yaml,
@@ -182,13 +183,26 @@ def test_file_errors(tmp_path):
     assert str(path) in str(info.value) and "mapping" in str(info.value)
 
 
-def test_apply_overrides_does_not_mutate_and_parses_scalars():
+def test_overrides_do_not_mutate_and_parse_scalars():
     data = {"model": {"latent_bits": 8}}
-    out = apply_overrides(data, ["model.latent_bits=4", "model.tie_embeddings=true",
-                                 "model.inject_layer=null", "model.free_bits=0.25"])
+    out = apply_changes(data, parse_overrides(["model.latent_bits=4", "model.tie_embeddings=true",
+                                               "model.inject_layer=null", "model.free_bits=0.25"]))
     assert data == {"model": {"latent_bits": 8}}
     assert out["model"] == {"latent_bits": 4, "tie_embeddings": True, "inject_layer": None,
                             "free_bits": 0.25}
+
+
+def test_typed_changes_apply_before_derived_defaults():
+    """A sweep's or comparison's typed values go in before __post_init__ derives defaults, so a
+    derived value follows them (as a --set string does), and they are checked the same way."""
+    base = load_config(None, ["model.hidden_dim=64", "model.num_heads=4"])
+    changed = load_config(None, ["model.hidden_dim=64", "model.num_heads=4"], changes={"model.hidden_dim": 128})
+    assert changed.model.intermediate_size == load_config(None, ["model.hidden_dim=128", "model.num_heads=4"]
+                                                          ).model.intermediate_size != base.model.intermediate_size
+    assert load_config(None, changes={"train.eval_tasks": ["ftray_letters"]}).train.eval_tasks == ["ftray_letters"]
+    with pytest.raises(ConfigError, match="model.latent_bits") as e:
+        load_config(None, changes={"model.latent_bits": "8"})  # typed: a string is not an int
+    assert "model.latent_bits='8'" in str(e.value)  # the message says where the value came from
 
 
 # ----------------------------------------------------------------------------------------------

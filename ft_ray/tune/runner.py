@@ -29,7 +29,6 @@ from ft_ray.entrypoint import one_line_errors
 from ft_ray.train.tracking import prepare_experiment
 from ft_ray.tune.space import (
     SweepSpec,
-    _overrides,
     check_space_record,
     load_space,
     own_trial_settings,
@@ -73,7 +72,7 @@ def make_trial(spec: SweepSpec, sweep_dir: Path):
         from ft_ray.train.trainer import fit
 
         arm = {**params["arm"], **{k: v for k, v in params.items() if k != "arm"}}
-        cfg = load_config(base_config, [*base_overrides, *_overrides(arm)])
+        cfg = load_config(base_config, base_overrides, changes=arm)
         own_trial_settings(cfg, resources, f"trial-{tune.get_context().get_trial_id()}", sweep_dir / "trials",
                            tracking)
         fit(cfg, callbacks=[TuneReportCallback()])

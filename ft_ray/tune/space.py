@@ -135,11 +135,6 @@ def _err(path: Path, key: str, message: str) -> ConfigError:
     return ConfigError(key, message, str(path))
 
 
-def _overrides(arm: dict[str, Any]) -> list[str]:
-    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for k, v in arm.items()]
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -173,7 +168,7 @@ def _check_values(spec: SweepSpec) -> None:
 
 def _try(spec: SweepSpec, arm: dict[str, Any], key: str) -> None:
     try:
-        load_config(spec.base_config, [*spec.base_overrides, *_overrides(arm)])
+        load_config(spec.base_config, spec.base_overrides, changes=arm)
     except ConfigError as e:
         raise _err(spec.path, f"space.{e.key}" if e.key in arm else e.key,
                    f"{e.detail} (in the trial {arm})") from None
