@@ -244,3 +244,16 @@ def test_from_dict_rejects_a_non_mapping():
     with pytest.raises(ConfigError) as info:
         from_dict(Config, [1, 2], source="x.yaml")
     assert "x.yaml" in str(info.value)
+
+
+def test_every_shipped_preset_loads_by_name():
+    """Presets are package data found by name (ft_ray/presets.py); each one is a valid config."""
+    from ft_ray.presets import PRESET_DIR, resolve_preset
+
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    assert {"smoke", "letters-ft", "letters-baseline", "arith-ft", "gpu-125m"} <= set(names)
+    for name in names:
+        cfg = load_config(resolve_preset(name))
+        assert cfg.train.name and cfg.model.vocab_size > 0, name
+    arith = load_config(resolve_preset("arith-ft"))
+    assert arith.data.task == "arith" and arith.train.eval_tasks == ["ftray_arith_choice", "ftray_arith_gen"]
