@@ -47,6 +47,26 @@ def metric_values(results: dict, task: str) -> dict[str, float]:
     return out
 
 
+def pool_training_seeds(results: dict) -> dict:
+    """Models named `ARM@TAG` (e.g. `ft-k0.5@s0`, `ft-k0.5@s1`: one arm trained with several
+    seeds) pooled per arm: per task and metric, the mean over the arm's models of their plan-seed
+    means, with a 95% interval over those models (training seeds) when there are several.
+    Returns {task: {metric: {arm: {"models", "mean", "ci95", "num_training_seeds"}}}}."""
+    pooled: dict = {}
+    for task, metrics in results.items():
+        for metric, cells in metrics.items():
+            arms: dict[str, list[str]] = {}
+            for name in cells:
+                if "@" in name:
+                    arms.setdefault(name.split("@", 1)[0], []).append(name)
+            for arm, names in arms.items():
+                means = [cells[n]["mean"] for n in names]
+                pooled.setdefault(task, {}).setdefault(metric, {})[arm] = {
+                    "models": names, "mean": statistics.fmean(means), "ci95": interval95(means),
+                    "num_training_seeds": len(names)}
+    return pooled
+
+
 def summarise(out: Path, plan: EvalPlan) -> dict:
     """Read every finished unit of `plan` from `out` into the summary (see results.json)."""
     table: dict[str, dict[str, dict[str, dict]]] = {}
@@ -72,7 +92,7 @@ def summarise(out: Path, plan: EvalPlan) -> dict:
     return {"settings": {**dataclasses.asdict(plan.settings), "seeds": plan.seeds},
             "models": {m.name: {"path": str(m.path), "arch": m.arch} for m in plan.models},
             "tasks": plan.tasks, "results": table, "higher_is_better": higher, "chance": chance,
-            "missing": missing}
+            "pooled": pool_training_seeds(table), "missing": missing}
 
 
 def _cell(cell: dict | None) -> str:
@@ -102,6 +122,17 @@ def markdown(summary: dict) -> str:
             chance = summary["chance"].get(task, {}).get(metric)
             lines.append(f"| {task} | {metric}{arrow} | {'' if chance is None else f'{chance:.3g}'} | "
                          + " | ".join(_cell(cells.get(m)) for m in models) + " |")
+    pooled = summary.get("pooled") or {}
+    arms = sorted({arm for metrics in pooled.values() for cells in metrics.values() for arm in cells})
+    if arms:
+        lines += ["", "Pooled over training seeds (models named ARM@TAG): the mean of the models' plan-seed "
+                      "means [95% interval over training seeds] (number of training seeds).", "",
+                  "| task | metric | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
+        for task, metrics in pooled.items():
+            for metric, cells in metrics.items():
+                lines.append(f"| {task} | {metric} | " + " | ".join(
+                    _cell({**cells[a], "num_seeds": cells[a]["num_training_seeds"]}) if a in cells else ""
+                    for a in arms) + " |")
     if summary["missing"]:
         lines += ["", f"Not finished ({len(summary['missing'])}): " + "; ".join(summary["missing"])]
     return "\n".join(lines) + "\n"

@@ -406,3 +406,27 @@ def _split_docs(row: list[int]) -> list[list[int]]:
     """A packed row -> the ids between each BOS and its EOS (or the row's end)."""
     starts = [i for i, t in enumerate(row) if t == letters.BOS_ID] + [len(row)]
     return [row[a + 1:b] for a, b in zip(starts, starts[1:])]
+
+
+def test_models_named_arm_at_tag_are_pooled_over_training_seeds():
+    from ft_ray.eval.summary import interval95, markdown, pool_training_seeds
+
+    def cell(*plan_seed_values):
+        return {"seeds": dict(enumerate(plan_seed_values)), "mean": sum(plan_seed_values) / len(plan_seed_values)}
+
+    results = {"ftray_arith_choice": {"acc": {"base@s0": cell(0.5), "base@s1": cell(0.6), "ft@s0": cell(0.4, 0.5),
+                                              "ft@s1": cell(0.3, 0.3), "lone": cell(0.9)}}}
+    pooled = pool_training_seeds(results)["ftray_arith_choice"]["acc"]
+    assert set(pooled) == {"base", "ft"}  # a name without @ is not an arm of several seeds
+    assert pooled["ft"]["models"] == ["ft@s0", "ft@s1"] and pooled["ft"]["num_training_seeds"] == 2
+    assert pooled["ft"]["mean"] == pytest.approx((0.45 + 0.3) / 2)
+    assert pooled["ft"]["ci95"] == pytest.approx(interval95([0.45, 0.3]))
+    summary = {"settings": {"limit": None, "num_plans": 8, "proposal": "prior", "plan_mode": "fresh", "seeds": [0, 1]},
+               "models": {n: {"arch": "free_transformer"} for n in results["ftray_arith_choice"]["acc"]},
+               "results": results, "higher_is_better": {}, "chance": {}, "missing": [],
+               "pooled": pool_training_seeds(results)}
+    for cells in results["ftray_arith_choice"].values():
+        for c in cells.values():
+            c.update(ci95=None, num_seeds=len(c["seeds"]))
+    text = markdown(summary)
+    assert "Pooled over training seeds" in text and "| ftray_arith_choice | acc | 0.55 [" in text
