@@ -25,6 +25,12 @@ EMBEDDED_ENV = {
     # Train's preemption watcher polls for nodes being drained (spot instances taken back); one
     # machine has no node to drain, and the watcher is one more process taking CPU from training
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # a laptop busy with something else: Ray's start-up checks give up too soon there (measured beside
+    # two CPU-bound processes on 2 cores: Serve killed its own HTTP proxy after the 5 s ready check),
+    # so the embedded cluster waits longer for its proxy and for a Train worker group to start
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
 }
 
 

@@ -7,12 +7,18 @@ import os
 
 import pytest
 
+from ft_ray.cluster import EMBEDDED_ENV
+
 os.environ.update(
     RAY_USAGE_STATS_ENABLED="0",
     RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0",
     RAY_AUTH_MODE="disabled",
     RAY_DATA_DISABLE_PROGRESS_BARS="1",
 )
+# the clusters tests start themselves get the embedded cluster's patience on a busy machine
+for _key in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S",
+             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"):
+    os.environ.setdefault(_key, EMBEDDED_ENV[_key])
 
 
 # Timeouts guard against hangs; they are not performance checks. A laptop or CI machine busy with

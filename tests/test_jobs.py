@@ -71,3 +71,7 @@ def test_embedded_cluster_environment_differs_from_a_joined_one():
     assert joined["RAY_USAGE_STATS_ENABLED"] == embedded["RAY_USAGE_STATS_ENABLED"] == "0"
     # either way, a worker's print() reaches the driver once, not also through Train's logger
     assert joined["RAY_TRAIN_ENABLE_PRINT_PATCH"] == embedded["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
+    # patience on a busy machine, for the embedded cluster only: Serve's proxy ready check, Train's start
+    ready = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+    assert float(embedded[ready]) >= 30 and ready not in joined
+    assert float(embedded["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]) >= 120
