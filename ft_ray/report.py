@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ft_ray.data.letters import PROMPT_TOKENS, check_body, decode, prompt_ids
-from ft_ray.train.evaluate import batch_metrics
+from ft_ray.eval.validation import batch_metrics
 
 
 @torch.no_grad()
@@ -60,7 +60,8 @@ def save_figure(fig, axes, out: Path) -> Path:
     """Legend and grid on every axis, tight layout, PNG, close."""
     plt = _plt()
     for ax in np.atleast_1d(axes):
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a panel no run has data for stays without a legend
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -82,8 +82,8 @@ def serve_step(bundles: dict[str, Path], out: Path, port: int) -> list[str]:
 
 
 def sample_served(url: str, out: Path) -> list[str]:
+    from ft_ray.eval.validation import score_group
     from ft_ray.serve.client import get_json, post_json
-    from ft_ray.train.evaluate import score_group
 
     served = [m["id"] for m in get_json(f"{url}/v1/models")["data"]]
     print(f"[demo] serving {', '.join(served)} at {url}", flush=True)

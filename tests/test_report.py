@@ -8,8 +8,8 @@ import csv
 import numpy as np
 import pytest
 
+from ft_ray.eval.validation import chance_modal_share, modal_share
 from ft_ray.report import markdown_table, plot_curves, read_csv
-from ft_ray.train.evaluate import chance_modal_share, modal_share
 
 
 def test_modal_share_and_its_chance_level_match_closed_forms():
@@ -76,8 +76,8 @@ def test_letter_plan_eval_reports_chance_interval_and_spread_for_an_ft_only():
 
     from ft_ray.config import ModelConfig
     from ft_ray.data.letters import VOCAB
+    from ft_ray.eval.validation import letter_plan_eval
     from ft_ray.model import build_model
-    from ft_ray.train.evaluate import letter_plan_eval
 
     torch.manual_seed(0)
     shape = dict(vocab_size=len(VOCAB), hidden_dim=32, num_layers=2, num_heads=2, max_seq_len=96, latent_bits=2)

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from ft_ray.bundle import write_bundle
-from ft_ray.config import Config, from_dict, to_dict
+from ft_ray.config import Config, to_dict
 from ft_ray.data.pipeline import synthetic_task_of
+from ft_ray.eval.validation import batch_metrics, letter_plan_eval
 from ft_ray.model import build_model
 from ft_ray.train.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
-from ft_ray.train.evaluate import batch_metrics, letter_plan_eval
 from ft_ray.train.metrics import MetricsWriter, peak_flops, peak_memory_mib
 from ft_ray.train.optim import build_optimizer, build_scheduler
 from ft_ray.train.parallel import autocast_context, parallelize, resolve_precision
@@ -44,14 +45,25 @@ class Position:
     batches_in_epoch: int = 0
 
 
+@dataclass(frozen=True)
+class WorkerJob:
+    """What `fit` gives every Ray Train worker (the one value of `train_loop_config`, key "job"):
+    the resolved config, the run directory, the shards' tokenizer, the fault drill (`kill_at`)."""
+
+    cfg: Config
+    run_dir: str
+    tokenizer_path: str | None = None
+    kill_at: str | None = None
+
+
 def train_loop_per_worker(config: dict) -> dict:
-    """Ray Train entry point. `config["cfg"]` is the resolved config as plain data."""
+    """Ray Train entry point: `config["job"]` is a `WorkerJob`."""
     from ft_ray.train.runtime import RayRuntime
 
-    cfg = from_dict(Config, config["cfg"], "train_loop_config")
+    job: WorkerJob = config["job"]
     _quiet_report_lines()
-    return run_training(cfg, RayRuntime(config["run_dir"]), run_dir=config["run_dir"],
-                        tokenizer_path=config.get("tokenizer_path"), kill_at=config.get("kill_at"))
+    return run_training(job.cfg, RayRuntime(job.run_dir), run_dir=job.run_dir,
+                        tokenizer_path=job.tokenizer_path, kill_at=job.kill_at)
 
 
 def _quiet_report_lines() -> None:
@@ -151,7 +163,7 @@ def run_training(cfg: Config, runtime, run_dir: str | Path, tokenizer_path: str 
     tracker.start(cfg, run_dir)  # returns at once: the store is opened in the background
     log = MetricsWriter(run_dir, enabled=rank == 0, resume_step=pos.step, tracker=tracker)
     if rank == 0:
-        (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         print(f"[ft-ray] {cfg.model.arch}: {model.num_params() if world == 1 else 'sharded'} params, "
               f"world {world}, {precision}, {'resuming at step ' + str(pos.step) if pos.step else 'from scratch'}, "
               f"niceness {os.getpriority(os.PRIO_PROCESS, 0)}",

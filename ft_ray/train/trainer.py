@@ -212,7 +212,7 @@ def fit(run: Config | ResolvedRun, kill_at: str | None = None, callbacks: list |
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ft_ray.train.loop import train_loop_per_worker
+    from ft_ray.train.loop import WorkerJob, train_loop_per_worker
 
     run = run if isinstance(run, ResolvedRun) else resolve(run)
     cfg, tc = run.cfg, run.cfg.train
@@ -227,8 +227,7 @@ def fit(run: Config | ResolvedRun, kill_at: str | None = None, callbacks: list |
     # worker_runtime_env/logging_config); RAY_TRAIN_V2_ENABLED selects V2 at run time.
     trainer = TorchTrainer(
         train_loop_per_worker,  # type: ignore[arg-type]
-        train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir), "tokenizer_path": run.tokenizer_path,
-                           "kill_at": kill_at},
+        train_loop_config={"job": WorkerJob(cfg, str(run_dir), run.tokenizer_path, kill_at)},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=resources if tc.num_workers else None),
         run_config=RunConfig(  # type: ignore[call-arg]

@@ -67,7 +67,7 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_score_group_counts_valid_samples_and_start_agreement():
-    from ft_ray.train.evaluate import score_group
+    from ft_ray.eval.validation import score_group
 
     def body(start: int) -> str:
         return "_" * start + "K" * 8 + "_" * (56 - start)

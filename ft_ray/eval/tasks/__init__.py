@@ -52,7 +52,7 @@ PLACEHOLDER = "@DATA_DIR@"
 
 def letters_results(doc: dict, results: list[str]) -> dict[str, float]:
     """lm-eval process_results of ftray_letters: the first 64 generated characters must be a
-    valid body for the prompt's letter (as train/evaluate.py's score_group judges samples)."""
+    valid body for the prompt's letter (as eval/validation.py's score_group judges samples)."""
     return {"valid": float(check_body(results[0][:BODY_LEN], doc["letter"]).valid)}
 
 
