@@ -128,12 +128,12 @@ def run_compare(cfg_path: Path, overrides: list[str], kappas: list[float], out_d
     default, see DOWNSTREAM_TASKS; [] for none) over `eval_seeds` plan seeds, `eval_limit`
     documents per task, K = `eval_num_plans`."""
     from ft_ray.bundle import load_bundle
-    from ft_ray.train.evaluate import letter_plan_eval
+    from ft_ray.eval.validation import letter_plan_eval
     from ft_ray.train.trainer import fit, resolve, run_dir_of
 
     configs = arms(cfg_path, overrides, kappas)
-    for cfg in configs.values():
-        resolve(cfg)  # every arm's config, data and storage are checked before anything trains
+    # every arm's config, data and storage are checked (once) before anything trains
+    resolved = {label: resolve(cfg) for label, cfg in configs.items()}
     from ft_ray.data import tokenizer as tk
     from ft_ray.eval.tasks import TASK_NAMES
 
@@ -151,7 +151,7 @@ def run_compare(cfg_path: Path, overrides: list[str], kappas: list[float], out_d
         if retrain or not _finished_bundle(run_dir, cfg.train.max_steps):
             print(f"[ft-ray] compare: training {label} -> {run_dir}", flush=True)
             ensure_ray()
-            fit(cfg)
+            fit(resolved[label])
         else:
             print(f"[ft-ray] compare: reusing the finished run {run_dir}", flush=True)
         model, _, _ = load_bundle(run_dir / "bundle")
