@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="proxy: Ray Serve's default HTTP proxy; haproxy: Ray's high-throughput ingress "
                         "(HAProxy on the port, forwarding straight to the replicas' own HTTP servers; "
                         "for a cluster this command starts)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, how long streams in flight may take to finish before the app "
+                        "stops (default 30)")
 
 
 API_KEY_ENV = "FT_RAY_API_KEY"
@@ -128,6 +131,21 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def drain(url: str, timeout_s: float) -> bool:
+    """Wait until the app has no stream in flight (`active_streams` of GET /healthz), at most
+    `timeout_s`; whether it drained. Streams started meanwhile are waited for too."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if get_json(f"{url}/healthz", timeout_s=5).get("active_streams", 0) == 0:
+                return True
+        except OSError:  # the app is gone or unhealthy: nothing left to wait for
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
 def run(args: argparse.Namespace) -> int:
     from ray import serve
 
@@ -151,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     os.environ.update(INGRESS_ENV[args.ingress])  # read by the Serve processes of the cluster started next
     started = deploying = False
+    url: str | None = None
     try:
         ensure_ray()
         if threading.current_thread() is threading.main_thread():  # after ray.init, which installs its own
@@ -168,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not cut the shutdown short
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if url is not None and not drain(url, args.drain_timeout):
+            print(f"[ft-ray] streams still in flight after --drain-timeout {args.drain_timeout:g} s: stopping anyway",
+                  file=sys.stderr, flush=True)
         if started:
             serve.shutdown()
         elif deploying:

@@ -1,10 +1,11 @@
 """`ft-ray serve --ingress haproxy` end to end: the command starts its own local cluster in Ray's
 high-throughput mode (HAProxy on the port, forwarding to the replica's own HTTP server), and the
 API behaves as behind the default proxy: completions equal the in-process engine's, streams end
-with [DONE], bad input is a 4xx naming the field, SIGTERM shuts it all down."""
+with [DONE], bad input is a 4xx naming the field, SIGTERM lets a stream in flight finish, then shuts it all down."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import torch
 from ft_ray.bundle import write_bundle
 from ft_ray.cluster import free_port
 from ft_ray.config import ModelConfig
-from ft_ray.data.tokenizer import byte_tokenizer
+from ft_ray.data.tokenizer import byte_tokenizer, eos_id
 from ft_ray.model import FreeTransformer
 
 pytestmark = pytest.mark.timeout(300)
@@ -34,6 +35,14 @@ def models_dir(tmp_path_factory):
     cfg = ModelConfig(vocab_size=259, hidden_dim=32, num_layers=2, num_heads=2, max_seq_len=96, latent_bits=4)
     torch.manual_seed(0)
     write_bundle(root / "ft", FreeTransformer(cfg).state_dict(), cfg, {"step": 0}, tok)
+    # for the SIGTERM drill: a few seconds of decoding, greedy to max_tokens (EOS's logit row is 0
+    # while the best other token's is positive)
+    slow = ModelConfig(vocab_size=259, hidden_dim=192, num_layers=6, num_heads=4, max_seq_len=1200, latent_bits=4)
+    torch.manual_seed(1)
+    model = FreeTransformer(slow)
+    with torch.no_grad():
+        model.lm_head.weight[eos_id(byte_tokenizer())] = 0
+    write_bundle(root / "slow", model.state_dict(), slow, {"step": 0}, tok)
     return root
 
 
@@ -97,11 +106,31 @@ def test_bad_input_behind_haproxy_is_a_4xx_naming_the_field(served, content, sta
     assert r.json()["error"]["param"] == param
 
 
-def test_sigterm_stops_the_server_and_its_cluster(served):
+def test_sigterm_drains_the_stream_in_flight_then_stops_the_server_and_its_cluster(served):
     url, proc = served
-    proc.send_signal(signal.SIGTERM)
+    body = {"model": "slow", "prompt": "drain", "max_tokens": 1000, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    events, usage, done, signalled_after = [], None, False, None
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: {"):
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                if event["choices"]:
+                    events.append(event["choices"][0])
+                usage = event.get("usage") or usage
+                if len(events) == 5 and signalled_after is None:  # the stream is under way
+                    proc.send_signal(signal.SIGTERM)
+                    signalled_after = len(events)
+    assert done and usage["completion_tokens"] == 1000, (done, usage)  # finished in full after SIGTERM
+    assert events[-1]["finish_reason"] == "length" and len(events) > signalled_after  # events came after it
+    t0 = time.monotonic()
     proc.wait(timeout=90)
     assert proc.returncode == 0
+    print(f"stopped {time.monotonic() - t0:.1f} s after the stream ended")
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/healthz", timeout=5)
     deadline = time.monotonic() + 30  # Ray's own processes exit shortly after their driver
