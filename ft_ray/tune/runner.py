@@ -138,11 +138,12 @@ def run_sweep(space_path: str | Path) -> Path:
     spec = load_space(space_path)
     sweep_dir = spec.sweep_dir
     recorded = check_space_record(spec, sweep_dir)  # before Ray starts: an edited space is refused
+    started_before = (sweep_dir / "tuner").exists()  # before the Tuner below creates it
     sweep_dir.mkdir(parents=True, exist_ok=True)
     ensure_ray()
     tuner = _tuner(spec, sweep_dir)
     if not recorded:
-        if (sweep_dir / "tuner").exists():
+        if started_before:
             print(f"[ft-ray] {sweep_dir} has no stored space (started by an older ft-ray): its space cannot "
                   "be checked; storing this one", flush=True)
         write_space_record(spec, sweep_dir)

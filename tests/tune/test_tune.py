@@ -40,11 +40,12 @@ def _space(tmp_path: Path, **changes) -> Path:
 
 
 @pytest.mark.timeout(420)
-def test_smoke_sweep_then_rerun_resumes(ray_cluster, tmp_path):
+def test_smoke_sweep_then_rerun_resumes(ray_cluster, tmp_path, capsys):
     from ft_ray.tune.runner import run_sweep
 
     space = _space(tmp_path)
     sweep_dir = run_sweep(space)
+    assert "no stored space" not in capsys.readouterr().out  # a new sweep is not taken for an old one
     rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
     assert len(rows) == 2 and {r["model.free_bits"] for r in rows} == {"0.125", "1.0"}
     assert "val_ce" not in rows[0] and all(r["val_ce_post (leaky)"] for r in rows)  # FT rows: the posterior CE
