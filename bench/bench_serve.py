@@ -8,7 +8,8 @@ at a time, and a short request's latency when it arrives while long ones decode
 Targets: continuous / max_num_seqs=1 tokens/s >= 4x; short request under load / idle <= 5;
 streams / unstreamed >= 0.9; Serve HTTP overhead p50 <= 10 ms.
 
-The HTTP overhead is measured once per ingress, each on a fresh cluster in its own process
+The Serve rows (batching, streams, TTFT/TPOT) and the HTTP overhead are measured once per
+ingress, side by side, each on a fresh cluster in its own process
 (Serve reads these settings when its processes start; `ft-ray serve --ingress` picks them too):
 - `proxy`: Ray Serve's default Python HTTP proxy (proxy actor -> replica over Ray);
 - `haproxy`: Ray's high-throughput ingress (`RAY_SERVE_ENABLE_HA_PROXY=1`,
@@ -37,6 +38,7 @@ from ft_ray.cluster import free_port
 from ft_ray.serve.cli import INGRESS_ENV, haproxy_binary
 
 CLIENTS, MAX_TOKENS = 16, 64
+STREAM_TOKENS = 256  # per request of the streams row: ~1 s of decoding, so start-up noise weighs little
 STREAM_INTERVAL = 4  # the streams row again with this stream_interval (events per SSE write)
 
 
@@ -128,18 +130,18 @@ async def _request(http, url: str, body: dict, stream: bool) -> tuple[float, flo
         r = await http.post(url, json=body)
         r.raise_for_status()
         return time.perf_counter() - t0, None, r.json()["usage"]["completion_tokens"]
-    first, tokens = None, 0
+    # the client reads raw bytes and parses only the usage chunk at the end: a Python client that
+    # decoded every event would take, on these 2 cores, CPU the server's decode loop needs
+    first, tail = None, b""
     async with http.stream("POST", url, json={**body, "stream": True,
                                               "stream_options": {"include_usage": True}}) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            if event["choices"] and first is None:
+        async for chunk in r.aiter_raw():
+            if first is None and b'"text"' in chunk:
                 first = time.perf_counter() - t0
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
+            tail = (tail + chunk)[-4096:]
+    usage = tail[tail.rindex(b'data: {'):].split(b"\n\n")[0][6:]
+    tokens = json.loads(usage)["usage"]["completion_tokens"]
     return time.perf_counter() - t0, first, tokens
 
 
@@ -234,11 +236,12 @@ def _latency_row(url: str) -> Row:
 
 
 def _stream_row(url: str, setting: str = "") -> Row:
-    same = [_body(30_000 + i, 64) for i in range(CLIENTS)]
+    same = [_body(30_000 + i, STREAM_TOKENS) for i in range(CLIENTS)]
     ts, rs = _run_clients(url, [(b, True) for b in same])
     tu, ru = _run_clients(url, [(b, False) for b in same])
     stream_tps, plain_tps = sum(n for *_, n in rs) / ts, sum(n for *_, n in ru) / tu
-    return Row(f"16 concurrent streams / the same 16 requests unstreamed, tokens/s{setting}", stream_tps / plain_tps,
+    return Row(f"16 concurrent streams / the same 16 requests unstreamed ({STREAM_TOKENS} tokens), tokens/s{setting}",
+               stream_tps / plain_tps,
                "x", ">= 0.9", f"{stream_tps:.0f} vs {plain_tps:.0f} tok/s")
 
 
@@ -279,21 +282,45 @@ def measure_overhead(models: Path, repeats: int) -> dict:
 
 def overhead_rows(models: Path, quick: bool) -> list[Row]:
     rows = []
-    for mode, env in INGRESS_ENV.items():
+    for mode in INGRESS_ENV:
         if mode == "haproxy" and haproxy_binary() is None:
             rows.append(Row("Serve HTTP overhead, HAProxy ingress: not measured", float("nan"), "ms", "",
                             "no HAProxy binary (see ft_ray.serve.cli.haproxy_binary)"))
             continue
-        out = subprocess.run([sys.executable, "-m", "bench.bench_serve", "--overhead", str(models),
-                              str(20 if quick else 60)], env={**os.environ, **env}, capture_output=True,
-                             text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
-        if out.returncode != 0:
-            raise RuntimeError(f"overhead benchmark ({mode}) failed:\n{out.stderr[-3000:]}")
-        t = json.loads(out.stdout.strip().splitlines()[-1])
-        label = {"proxy": "default proxy", "haproxy": "HAProxy ingress"}[mode]
+        t = _in_subprocess(mode, ["--overhead", str(models), str(20 if quick else 60)])
+        label = INGRESS_LABEL[mode]
         rows.append(Row(f"Serve HTTP overhead vs in-process engine, p50, {label}", (t["http"] - t["local"]) * 1e3,
                         "ms", "<= 10", f"HTTP {t['http'] * 1e3:.1f} ms, in-process {t['local'] * 1e3:.1f} ms "
                         f"(8 tokens); GET /v1/models {t['models'] * 1e3:.1f} ms"))
+    return rows
+
+
+def _in_subprocess(mode: str, args: list[str]):
+    """Run this module with `args` in a fresh process whose environment picks the ingress `mode`
+    (Serve reads it when its processes start); return the JSON its last line printed."""
+    out = subprocess.run([sys.executable, "-m", "bench.bench_serve", *args],
+                         env={**os.environ, **INGRESS_ENV[mode]}, capture_output=True, text=True, timeout=1800,
+                         cwd=Path(__file__).resolve().parent.parent)
+    if out.returncode != 0:
+        raise RuntimeError(f"serving benchmark {args[0]} ({mode}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+INGRESS_LABEL = {"proxy": "default proxy", "haproxy": "HAProxy ingress"}
+
+
+def ingress_rows(models: Path, quick: bool) -> list[Row]:
+    """The batching rows under each ingress, side by side: with the default proxy every SSE write
+    is a Ray streaming-generator item relayed by the proxy actor; with HAProxy it leaves the
+    replica's own HTTP server."""
+    rows = []
+    for mode in INGRESS_ENV:
+        if mode == "haproxy" and haproxy_binary() is None:
+            rows.append(Row("Serve batching rows, HAProxy ingress: not measured", float("nan"), "", "",
+                            "no HAProxy binary (see ft_ray.serve.cli.haproxy_binary)"))
+            continue
+        for r in _in_subprocess(mode, ["--batching", str(models)] + (["--quick"] if quick else [])):
+            rows.append(Row(**{**r, "name": f"{r['name']} [{INGRESS_LABEL[mode]}]"}))
     return rows
 
 
@@ -301,7 +328,7 @@ def run(quick: bool = False) -> list[Row]:
     tmp = Path(tempfile.mkdtemp(prefix="ft-ray-bench-serve-"))
     try:
         models = _bundle(tmp)
-        return engine_rows(models, quick) + batching_rows(models, quick) + overhead_rows(models, quick)
+        return engine_rows(models, quick) + ingress_rows(models, quick) + overhead_rows(models, quick)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -309,6 +336,8 @@ def run(quick: bool = False) -> list[Row]:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--overhead"]:
         print(json.dumps(measure_overhead(Path(sys.argv[2]), int(sys.argv[3]))))
+    elif sys.argv[1:2] == ["--batching"]:
+        print(json.dumps([r.__dict__ for r in batching_rows(Path(sys.argv[2]), quick="--quick" in sys.argv)]))
     elif sys.argv[1:2] == ["--engine"]:
         tmp = Path(tempfile.mkdtemp(prefix="ft-ray-bench-engine-"))
         try:
