@@ -281,12 +281,8 @@ def measure_overhead(models: Path, repeats: int) -> dict:
 
 
 def overhead_rows(models: Path, quick: bool) -> list[Row]:
-    rows = []
-    for mode in INGRESS_ENV:
-        if mode == "haproxy" and haproxy_binary() is None:
-            rows.append(Row("Serve HTTP overhead, HAProxy ingress: not measured", float("nan"), "ms", "",
-                            "no HAProxy binary (see ft_ray.serve.cli.haproxy_binary)"))
-            continue
+    rows: list[Row] = []
+    for mode in _ingresses("Serve HTTP overhead", "ms", rows):
         t = _in_subprocess(mode, ["--overhead", str(models), str(20 if quick else 60)])
         label = INGRESS_LABEL[mode]
         rows.append(Row(f"Serve HTTP overhead vs in-process engine, p50, {label}", (t["http"] - t["local"]) * 1e3,
@@ -309,16 +305,24 @@ def _in_subprocess(mode: str, args: list[str]):
 INGRESS_LABEL = {"proxy": "default proxy", "haproxy": "HAProxy ingress"}
 
 
+def _ingresses(what: str, unit: str, rows: list[Row]) -> list[str]:
+    """The ingress modes this machine can measure; a 'not measured' row in `rows` for the others."""
+    modes = []
+    for mode in INGRESS_ENV:
+        if mode == "haproxy" and haproxy_binary() is None:
+            rows.append(Row(f"{what}, HAProxy ingress: not measured", float("nan"), unit, "",
+                            "no HAProxy binary (see ft_ray.serve.cli.haproxy_binary)"))
+        else:
+            modes.append(mode)
+    return modes
+
+
 def ingress_rows(models: Path, quick: bool) -> list[Row]:
     """The batching rows under each ingress, side by side: with the default proxy every SSE write
     is a Ray streaming-generator item relayed by the proxy actor; with HAProxy it leaves the
     replica's own HTTP server."""
-    rows = []
-    for mode in INGRESS_ENV:
-        if mode == "haproxy" and haproxy_binary() is None:
-            rows.append(Row("Serve batching rows, HAProxy ingress: not measured", float("nan"), "", "",
-                            "no HAProxy binary (see ft_ray.serve.cli.haproxy_binary)"))
-            continue
+    rows: list[Row] = []
+    for mode in _ingresses("Serve batching rows", "", rows):
         for r in _in_subprocess(mode, ["--batching", str(models)] + (["--quick"] if quick else [])):
             rows.append(Row(**{**r, "name": f"{r['name']} [{INGRESS_LABEL[mode]}]"}))
     return rows
