@@ -137,9 +137,9 @@ async def _request(http, url: str, body: dict, stream: bool) -> tuple[float, flo
                                               "stream_options": {"include_usage": True}}) as r:
         r.raise_for_status()
         async for chunk in r.aiter_raw():
-            if first is None and b'"text"' in chunk:
-                first = time.perf_counter() - t0
             tail = (tail + chunk)[-4096:]
+            if first is None and b'"text"' in tail:  # `tail`: the marker may straddle two chunks
+                first = time.perf_counter() - t0
     usage = tail[tail.rindex(b'data: {'):].split(b"\n\n")[0][6:]
     tokens = json.loads(usage)["usage"]["completion_tokens"]
     return time.perf_counter() - t0, first, tokens

@@ -34,12 +34,12 @@ TINY = {"model.hidden_dim": 32, "model.num_layers": 2, "model.num_heads": 2, "mo
         "data.num_val_sequences": 64, "train.max_steps": 4}
 
 
-def _config(tmp_path, task: str = "letters", **extra) -> tuple:
+def _config(tmp_path, task: str = "letters") -> tuple:
     """A smoke-sized letters (or arith) config file under tmp_path, runs stored there."""
     raw = yaml.safe_load(resolve_preset("smoke").read_text())
     raw["data"]["task"] = task
     raw["train"]["storage_path"] = str(tmp_path / "runs")
-    for key, value in {**TINY, **extra}.items():
+    for key, value in TINY.items():
         section, name = key.split(".")
         raw[section][name] = value
     path = tmp_path / "cfg.yaml"

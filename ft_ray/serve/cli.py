@@ -132,8 +132,9 @@ def _interrupt(signum, frame):
 
 
 def drain(url: str, timeout_s: float) -> bool:
-    """Wait until the app has no stream in flight (`active_streams` of GET /healthz), at most
-    `timeout_s`; whether it drained. Streams started meanwhile are waited for too."""
+    """Wait until the app has no stream in flight (`active_streams` of GET /healthz; the app this
+    command deploys has one replica), at most `timeout_s`; whether it drained. Streams started
+    meanwhile are waited for too."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
