@@ -18,11 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def run(quick: bool = False) -> list[Row]:
     import ray
 
+    from ft_ray.cluster import cluster_env
     from ft_ray.tune.runner import run_sweep
 
     tmp = Path(tempfile.mkdtemp(prefix="ft-ray-bench-tune-"))
-    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1",
-                      RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
+    os.environ.update(RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
+    for key, value in cluster_env(joining=False).items():
+        os.environ.setdefault(key, value)  # the embedded cluster `ft-ray tune` starts
     try:
         space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
         space["storage_path"] = str(tmp)

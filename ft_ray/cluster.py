@@ -31,6 +31,11 @@ EMBEDDED_ENV = {
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+    # Ray starts its worker processes at niceness 15 so that a cluster's own raylet and GCS keep
+    # priority; beside the other programs of a laptop (at 0) that starves them: two CPU-bound
+    # processes on 2 cores left ft-ray's eval tasks, Serve replicas and proxy, Ray Data tasks and
+    # Train's controller 2.5% of a core each. The embedded cluster runs them like a plain program.
+    "RAY_worker_niceness": "0",
 }
 
 

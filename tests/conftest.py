@@ -15,9 +15,9 @@ os.environ.update(
     RAY_AUTH_MODE="disabled",
     RAY_DATA_DISABLE_PROGRESS_BARS="1",
 )
-# the clusters tests start themselves get the embedded cluster's patience on a busy machine
+# the clusters tests start themselves get the embedded cluster's patience and CPU priority on a busy machine
 for _key in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S",
-             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"):
+             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_worker_niceness"):
     os.environ.setdefault(_key, EMBEDDED_ENV[_key])
 
 

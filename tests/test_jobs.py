@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -75,3 +76,23 @@ def test_embedded_cluster_environment_differs_from_a_joined_one():
     ready = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
     assert float(embedded[ready]) >= 30 and ready not in joined
     assert float(embedded["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]) >= 120
+    # and the CPU priority of a plain program for every worker process (Ray's default is 15)
+    assert embedded["RAY_worker_niceness"] == "0" and "RAY_worker_niceness" not in joined
+
+
+def test_embedded_cluster_runs_tasks_and_actors_at_niceness_0(ray_cluster):
+    """The suite's cluster has the embedded cluster's environment: a task and an actor (what eval
+    units, Ray Data and Serve's replicas and proxy are) run at the priority of the program that
+    started it (niceness 0 usually), not 15 below it."""
+    ray = ray_cluster
+
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+    @ray.remote
+    class Probe:
+        def niceness(self):
+            return niceness()
+
+    assert ray.get(ray.remote(niceness).remote()) == niceness()
+    assert ray.get(Probe.remote().niceness.remote()) == niceness()
