@@ -317,34 +317,50 @@ def _check_counts(spec: CorpusSpec, units: list[dict], skipped: Skipped, num_buc
 
 def _pack(spec: CorpusSpec, work: WorkDir, manifest: Manifest, units: list[dict], workers: int,
           progress: Callable[[str], Any]) -> dict[tuple[str, int], dict]:
-    """Stage 2: one Ray task per (split, bucket), at most `workers` at a time, spread over the
-    nodes; their results. Plain tasks, not a second dataset: they start on Ray's idle workers,
-    where a Ray Data task's worker first imports ray.data (~1 s each here, for ~0.3 s of work)."""
+    """Stage 2: one Ray task per (split, bucket), at most `workers` at a time, in a SPREAD
+    placement group of `workers` CPUs (so over every node that has one); their results. The
+    group is granted once the tokenizer actors have given their CPUs back: tasks submitted
+    before that would all land on whichever node freed its CPUs first (on a busy machine the
+    whole stage did). Plain tasks, not a second dataset: a Ray Data task's worker first imports
+    ray.data (~1 s each here, for ~0.3 s of work)."""
     import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     num_buckets, row_len = manifest["num_buckets"], spec.seq_len + 1
     segments = _segments(units, num_buckets)
     parts = {key: {"num_sequences": 0, "num_tokens": 0, "num_documents": 0, "num_dropped_tokens": 0, "shards": []}
              for key in segments}  # an empty (split, bucket) has no task and no shard
     todo = [(key, segs) for key, segs in segments.items() if segs]
-    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(pack_bucket)
+    task = ray.remote(num_cpus=1)(pack_bucket)
     progress(f"packing {len(todo)} (split, bucket) streams into rows of {row_len} ...")
-    meter = _Meter("buckets", len(todo), progress)
-    pending: dict[Any, tuple[str, int]] = {}
+    group = placement_group([{"CPU": 1}] * workers, strategy="SPREAD")
+    pending: dict[Any, tuple[tuple[str, int], int]] = {}  # ref -> (split, bucket), its bundle
     try:
+        if not group.wait(timeout_seconds=WAIT_FOR_WORKERS_S):
+            raise DataError(f"--workers {workers}: {workers} CPUs did not come free for packing within "
+                            f"{WAIT_FOR_WORKERS_S} s; lower --workers")
+        meter = _Meter("buckets", len(todo), progress)
+        free = list(range(workers))  # bundles with no task
         while todo or pending:
-            while todo and len(pending) < workers:
+            while todo and free:
                 (split, bucket), segs = todo.pop(0)
-                pending[task.remote(str(work.path), split, bucket, segs, row_len, manifest["dtype"],
-                                    spec.shard_max_bytes, num_buckets)] = (split, bucket)
+                bundle = free.pop(0)
+                in_bundle = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle)
+                ref = task.options(scheduling_strategy=in_bundle).remote(
+                    str(work.path), split, bucket, segs, row_len, manifest["dtype"], spec.shard_max_bytes, num_buckets)
+                pending[ref] = ((split, bucket), bundle)
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 meta = ray.get(ref)
-                parts[pending.pop(ref)] = meta
+                key, bundle = pending.pop(ref)
+                parts[key] = meta
+                free.append(bundle)
                 meter.update(meta)
     finally:
         for ref in pending:  # interrupted: the rest need not run
             ray.cancel(ref, force=True)
+        remove_placement_group(group)
     return parts
 
 

@@ -247,12 +247,11 @@ def fit(run: Config | ResolvedRun, kill_at: str | None = None, callbacks: list |
 
 
 def worker_runtime_env(cfg: Config) -> dict:
-    """Ray starts every worker process at niceness 15 (`RAY_worker_niceness`), below its raylet,
-    GCS, dashboard and log monitor at 0. The training workers are the job's compute, so they run
-    at `train.worker_niceness` (0: like a plain launch, and like Ray's job manager runs its job
-    supervisors). Where they fill the cores, Ray's helper actors (Train controller, Ray Data's
-    coordinator and stats actors, ...) then yield to them instead of competing as equals (the
-    README's benchmark section has the measurement)."""
+    """A cluster Ray starts by default runs every worker process at niceness 15
+    (`RAY_worker_niceness`), below its raylet, GCS, dashboard and log monitor at 0. The training
+    workers are the job's compute, so on any cluster they run at `train.worker_niceness` (0: like a
+    plain launch, and like Ray's job manager runs its job supervisors). ft-ray's embedded cluster
+    runs all its worker processes at 0 (`ft_ray.cluster.EMBEDDED_ENV`); see the performance page."""
     n = cfg.train.worker_niceness
     return {} if n is None else {"env_vars": {"RAY_worker_niceness": str(n)}}
 
