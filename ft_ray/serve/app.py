@@ -82,20 +82,41 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return error(500, f"internal error: {type(exc).__name__}")
 
 
-@api.middleware("http")
-async def _auth_and_count(request: Request, call_next):
+class AuthAndCount:
     """Bearer-token check on every route but /healthz (when a key is set), and requests counted by
-    route and status for /metrics."""
-    key = _replica.get("api_key")
-    open_route = request.url.path.endswith(OPEN_ROUTES)  # the path includes the app's route prefix
-    if key and not open_route and request.headers.get("authorization") != f"Bearer {key}":
-        response = error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
-    else:
-        response = await call_next(request)
-    metrics = _replica.get("metrics")
-    if metrics is not None:
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-    return response
+    route and status for /metrics. A plain ASGI middleware: Starlette's `BaseHTTPMiddleware`
+    (`@app.middleware("http")`) passes every chunk of a streamed body through a memory stream
+    and a task switch of its own."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        path, key = request.url.path, _replica.get("api_key")  # the path includes the app's route prefix
+        status = 500  # an exception the app raises is answered 500 by Starlette's outermost handler
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if key and not path.endswith(OPEN_ROUTES) and request.headers.get("authorization") != f"Bearer {key}":
+                await error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")(
+                    scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            metrics = _replica.get("metrics")
+            if metrics is not None:
+                metrics.requests.labels(path, str(status)).inc()
+
+
+api.add_middleware(AuthAndCount)
 
 
 def model_path(models_dir: Path, name) -> Path:
