@@ -400,11 +400,26 @@ def test_openai_defaults_and_token_id_prompts(server, engines):
     assert server.get("/v1/models/ft").json() == next(m for m in models if m["id"] == "ft")
 
 
+def _requests_counted(server, route: str, status: int) -> float:
+    prefix = f'ftray_requests_total{{route="{route}",status="{status}"}} '
+    return sum(float(line[len(prefix):]) for line in server.get("/metrics").text.splitlines()
+               if line.startswith(prefix))
+
+
 def test_metrics_endpoint_is_prometheus_text(server):
+    before = {(route, status): _requests_counted(server, route, status)
+              for route, status in (("/v1/completions", 200), ("/v1/completions", 400), ("/v1/nowhere", 404))}
     _post(server, {"model": "base", "prompt": "m", "max_tokens": 3})
+    with server.stream("POST", "/v1/completions", json={"model": "base", "prompt": "m", "max_tokens": 3,
+                                                         "stream": True}) as r:
+        assert r.status_code == 200 and r.read().endswith(b"data: [DONE]\n\n")
+    assert server.post("/v1/completions", json={"model": "base", "prompt": "m", "max_tokens": -1}).status_code == 400
+    assert server.get("/v1/nowhere").status_code == 404
+    # every request counted once by route and status, a stream as well
+    for (route, status), n in before.items():
+        assert _requests_counted(server, route, status) == n + (2 if status == 200 else 1), (route, status)
     text = server.get("/metrics").text
     assert "ftray_generation_tokens_total" in text
-    assert 'ftray_requests_total{route="/v1/completions",status="200"}' in text
     assert "ftray_num_requests_running" in text and "ftray_time_per_output_token_seconds_bucket" in text
 
 
