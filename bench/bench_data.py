@@ -12,7 +12,6 @@ target: what two plain tokenizer processes (no Ray) gain over one here, the mach
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -193,13 +192,12 @@ def _cost_rows(name: str, stats: dict) -> list[Row]:
 def run(quick: bool = False) -> list[Row]:
     import ray
 
-    from ft_ray.cluster import cluster_env
+    from ft_ray.cluster import set_cluster_env
     from ft_ray.data.corpus_plan import CorpusSpec, build_tokenizer, plan_source
     from ft_ray.data.sources import stdlib_files
     from ft_ray.data.tokenizer import byte_tokenizer
 
-    for key, value in cluster_env(joining=False).items():
-        os.environ.setdefault(key, value)  # progress bars off, no token auth: a private cluster
+    set_cluster_env(joining=False)  # the embedded cluster's environment: a private cluster
     mb = _mb(stdlib_files())
     tmp = Path(tempfile.mkdtemp(prefix="ft-ray-bench-data-"))
     rows: list[Row] = [_ceiling(tmp)]

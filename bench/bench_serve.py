@@ -65,10 +65,9 @@ def _start(port: int) -> None:
     import ray
     from ray import serve
 
-    from ft_ray.cluster import cluster_env
+    from ft_ray.cluster import set_cluster_env
 
-    for key, value in cluster_env(joining=False).items():
-        os.environ.setdefault(key, value)  # the embedded cluster `ft-ray serve` starts
+    set_cluster_env(joining=False)  # the embedded cluster `ft-ray serve` starts
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 

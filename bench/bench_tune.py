@@ -18,13 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def run(quick: bool = False) -> list[Row]:
     import ray
 
-    from ft_ray.cluster import cluster_env
+    from ft_ray.cluster import set_cluster_env
     from ft_ray.tune.runner import run_sweep
 
     tmp = Path(tempfile.mkdtemp(prefix="ft-ray-bench-tune-"))
     os.environ.update(RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
-    for key, value in cluster_env(joining=False).items():
-        os.environ.setdefault(key, value)  # the embedded cluster `ft-ray tune` starts
+    set_cluster_env(joining=False)  # the embedded cluster's environment: a private cluster
     try:
         space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
         space["storage_path"] = str(tmp)

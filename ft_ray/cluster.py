@@ -51,6 +51,12 @@ def cluster_env(joining: bool) -> dict[str, str]:
     return {**DEFAULT_ENV, **({} if joining else EMBEDDED_ENV)}
 
 
+def set_cluster_env(joining: bool) -> None:
+    """Put `cluster_env` into this process's environment, where unset (before Ray starts)."""
+    for key, value in cluster_env(joining).items():
+        os.environ.setdefault(key, value)
+
+
 def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
     """Join the cluster named by RAY_ADDRESS, or start an embedded local one sized to the machine.
     Returns True when this call connected (so the caller owns the shutdown)."""
@@ -59,8 +65,7 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
     if ray.is_initialized():
         return False
     joining = bool(os.environ.get("RAY_ADDRESS"))
-    for k, v in cluster_env(joining).items():
-        os.environ.setdefault(k, v)
+    set_cluster_env(joining)
     if joining:
         ray.init(log_to_driver=True)
         print(f"[ft-ray] joined the Ray cluster at {os.environ['RAY_ADDRESS']}", flush=True)

@@ -332,6 +332,8 @@ def _pack(spec: CorpusSpec, work: WorkDir, manifest: Manifest, units: list[dict]
     parts = {key: {"num_sequences": 0, "num_tokens": 0, "num_documents": 0, "num_dropped_tokens": 0, "shards": []}
              for key in segments}  # an empty (split, bucket) has no task and no shard
     todo = [(key, segs) for key, segs in segments.items() if segs]
+    if not todo:
+        return parts
     task = ray.remote(num_cpus=1)(pack_bucket)
     progress(f"packing {len(todo)} (split, bucket) streams into rows of {row_len} ...")
     group = placement_group([{"CPU": 1}] * workers, strategy="SPREAD")
