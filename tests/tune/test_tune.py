@@ -271,7 +271,8 @@ def test_a_downstream_metric_is_an_objective_when_the_base_evaluates_its_task(tm
 
 def test_shipped_spaces_are_valid():
     sizes = {p.stem: len(load_space(p).grid_arms()) for p in (ROOT / "tune_spaces").glob("*.yaml")}
-    assert sizes == {"smoke": 2, "latent_free_bits": 25, "seeds": 6, "arith_downstream": 10, "letters_plan": 6}
+    assert sizes == {"smoke": 2, "latent_free_bits": 25, "seeds": 6, "arith_downstream": 10, "letters_plan": 6,
+                     "letters_plan_init_lr": 6, "letters_plan_seeds_size": 3}
 
 
 @pytest.mark.timeout(420)
