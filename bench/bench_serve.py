@@ -2,8 +2,12 @@
 max_num_seqs=1 on a mixed workload, a short request's latency under load, streams vs unstreamed,
 TTFT/TPOT percentiles, HTTP overhead vs in-process.
 First, in-process and without Ray, the engine's continuous batching: 16 concurrent requests vs one
-at a time, and a short request's latency when it arrives while long ones decode
+at a time, a short request's latency when it arrives while long ones decode, and the Serve rows'
+mixed load and streams run on the engine's loop thread with asyncio clients, no HTTP: what the
+engine itself reaches on these cores, the ceiling of the Serve rows
 (`python -m bench.bench_serve --engine` runs only these).
+The load clients are bench/http_client.py's lean HTTP/1.1 client: they share the 2 cores with
+the server, and httpx took ~4x its CPU reading streams.
 
 Targets: continuous / max_num_seqs=1 tokens/s >= 4x; short request under load / idle <= 5;
 streams / unstreamed >= 0.9; Serve HTTP overhead p50 <= 10 ms.
@@ -29,11 +33,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import torch
 
 from bench.common import Row
+from bench.http_client import Connection
 from ft_ray.cluster import free_port
 from ft_ray.serve.cli import INGRESS_ENV, haproxy_binary
 
@@ -80,6 +86,9 @@ def _stop() -> None:
     ray.shutdown()
 
 
+MIXED_TOKENS = (8, 16, 32, 64, 128, 256)  # max_tokens of the mixed workload, cycled per request
+
+
 def engine_rows(models: Path, quick: bool) -> list[Row]:
     """The engine in-process, one torch thread (as in the 1-CPU replica): CLIENTS requests of
     MAX_TOKENS tokens together vs one at a time; then an 8-token request submitted while CLIENTS-1
@@ -122,46 +131,112 @@ def engine_rows(models: Path, quick: bool) -> list[Row]:
                 f"decoded {left} more steps")]
 
 
-MIXED_TOKENS = (8, 16, 32, 64, 128, 256)  # max_tokens of the mixed workload, cycled per request
 
 
-async def _request(http, url: str, body: dict, stream: bool) -> tuple[float, float | None, int]:
+def engine_loop_rows(models: Path, quick: bool) -> list[Row]:
+    """The Serve rows' workloads in-process, without HTTP or Ray: the engine's loop thread and
+    asyncio clients, as in the replica (one torch thread). What the engine itself reaches on these
+    cores: the ceiling of the Serve rows."""
+    import asyncio
+
+    from ft_ray.serve import Engine, GenerationRequest
+    from ft_ray.serve.scheduler import SchedulerConfig
+
+    def request(body: dict) -> GenerationRequest:
+        return GenerationRequest(body["prompt"], max_tokens=body["max_tokens"], temperature=body["temperature"],
+                                 seed=body["seed"], plan=body["plan"])
+
+    async def run(engine: Engine, bodies: list[tuple[dict, bool]]) -> float:
+        """tokens/s of `bodies` sent by CLIENTS clients, each waiting for its request's end."""
+        queue, tokens = list(bodies), 0
+
+        async def client():
+            nonlocal tokens
+            while queue:
+                body, stream = queue.pop(0)
+                handle = engine.submit(request(body), stream=stream)
+                if not stream:
+                    result = await handle  # awaited first: `tokens += await ...` would read `tokens` before
+                    tokens += result.usage.completion_tokens
+                    continue
+                async for events in handle.event_batches():
+                    tokens += sum(e.usage.completion_tokens for e in events if e.usage is not None)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(CLIENTS)))
+        return tokens / (time.perf_counter() - t0)
+
+    async def main(engines: dict[int, Engine]) -> tuple[list[float], list[float]]:
+        mixed, streams = [], []
+        for e in engines.values():
+            e.start()
+            await run(e, [(_body(0, 8), False)])  # warm-up
+        for k in range(1 if quick else 3):  # alternating: load from elsewhere hits both alike
+            bodies = _mixed(k)
+            mixed.append(await run(engines[CLIENTS], bodies) / await run(engines[1], bodies))
+            same = [_body(30_000 + 100 * k + i, STREAM_TOKENS) for i in range(CLIENTS)]
+            streams.append(await run(engines[CLIENTS], [(b, True) for b in same])
+                           / await run(engines[CLIENTS], [(b, False) for b in same]))
+        return mixed, streams
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engines = {n: Engine.from_bundle(models / "ft", name="ft",
+                                     scheduler=SchedulerConfig(max_num_seqs=n, max_waiting=256))
+               for n in (CLIENTS, 1)}
+    try:
+        mixed, streams = asyncio.run(main(engines))
+    finally:
+        for e in engines.values():
+            e.close()
+        torch.set_num_threads(threads)
+    spread = f"median of {len(mixed)} alternating rounds: " if len(mixed) > 1 else ""
+    return [Row("engine in-process, the mixed load: continuous / max_num_seqs=1 (no HTTP: the Serve row's ceiling)",
+                statistics.median(mixed), "x", "", spread + ", ".join(f"{m:.2f}" for m in mixed)),
+            Row(f"engine in-process: 16 streams / the same 16 unstreamed ({STREAM_TOKENS} tokens, no HTTP)",
+                statistics.median(streams), "x", "", spread + ", ".join(f"{m:.2f}" for m in streams))]
+
+
+def _mixed(round_: int = 0) -> list[tuple[dict, bool]]:
+    """The mixed workload: CLIENTS x 2 requests, max_tokens cycling through MIXED_TOKENS, every
+    other one streamed."""
+    return [(_body(1000 * round_ + i, MIXED_TOKENS[i % len(MIXED_TOKENS)]), i % 2 == 1) for i in range(2 * CLIENTS)]
+
+
+async def _request(conn: Connection, url: str, body: dict, stream: bool) -> tuple[float, float | None, int]:
     """One completion: (latency s, time to first token s (streams only), generated tokens)."""
     t0 = time.perf_counter()
-    if not stream:
-        r = await http.post(url, json=body)
-        r.raise_for_status()
-        return time.perf_counter() - t0, None, r.json()["usage"]["completion_tokens"]
-    # the client reads raw bytes and parses only the usage chunk at the end: a Python client that
-    # decoded every event would take, on these 2 cores, CPU the server's decode loop needs
-    first, tail = None, b""
-    async with http.stream("POST", url, json={**body, "stream": True,
-                                              "stream_options": {"include_usage": True}}) as r:
-        r.raise_for_status()
-        async for chunk in r.aiter_raw():
-            tail = (tail + chunk)[-4096:]
-            if first is None and b'"text"' in tail:  # `tail`: the marker may straddle two chunks
-                first = time.perf_counter() - t0
-    usage = tail[tail.rindex(b'data: {'):].split(b"\n\n")[0][6:]
-    tokens = json.loads(usage)["usage"]["completion_tokens"]
-    return time.perf_counter() - t0, first, tokens
+    if stream:
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    reply = await conn.post(urlsplit(url).path, body, first_marker=b'"text"' if stream else None)
+    return time.perf_counter() - t0, reply.first_s, reply.usage()["completion_tokens"]
+
+
+def _connection(url: str) -> Connection:
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None, url
+    return Connection(parts.hostname, parts.port)
 
 
 def _run_clients(url: str, bodies: list[tuple[dict, bool]], clients: int = CLIENTS):
-    """`bodies` sent by `clients` concurrent clients (one asyncio loop); returns (wall s, results)."""
+    """`bodies` sent by `clients` concurrent clients, each with its own keep-alive connection (one
+    asyncio loop, the lean client of http_client.py); returns (wall s, results)."""
     import asyncio
 
     async def main():
         queue = list(enumerate(bodies))
         out: list = [None] * len(bodies)
 
-        async def client(http):
-            while queue:
-                i, (body, stream) = queue.pop(0)
-                out[i] = await _request(http, url, body, stream)
+        async def client():
+            conn = _connection(url)
+            try:
+                while queue:
+                    i, (body, stream) = queue.pop(0)
+                    out[i] = await _request(conn, url, body, stream)
+            finally:
+                await conn.close()
 
-        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as http:
-            await asyncio.gather(*(client(http) for _ in range(clients)))
+        await asyncio.gather(*(client() for _ in range(clients)))
         return out
 
     t0 = time.perf_counter()
@@ -177,44 +252,59 @@ def _body(i: int, max_tokens: int) -> dict:
 def batching_rows(models: Path, quick: bool) -> list[Row]:
     """Continuous batching vs the same server with max_num_seqs=1 on a mixed workload (16 clients,
     max_tokens 8-256, half streaming); a short request's latency while 15 long ones decode vs on
-    an idle server; 16 streams vs the same 16 requests unstreamed; TTFT and TPOT percentiles."""
+    an idle server; 16 streams vs the same 16 requests unstreamed (and with stream_interval); TTFT
+    and TPOT percentiles. The three servers are deployed side by side (half a CPU each: only one is
+    loaded at a time) and measured in alternating rounds, medians reported: measuring one after
+    deleting another picked up the teardown (HAProxy drains a deleted app's replica for 30 s)."""
     from ray import serve
 
     from ft_ray.serve.app import FTServer
 
-    per_client = 1 if quick else 2
-    mixed = [(_body(i, MIXED_TOKENS[i % len(MIXED_TOKENS)]), i % 2 == 1) for i in range(CLIENTS * per_client)]
     port = free_port()
     _start(port)
+    servers = {"continuous": (CLIENTS, 1), "one": (1, 1), "interval": (CLIENTS, STREAM_INTERVAL)}
+    urls = {label: f"http://127.0.0.1:{port}/{label}/v1/completions" for label in servers}
+    rounds: dict[str, list] = {"mixed": [], "streams": [], "interval": []}
+    pooled_streams = []  # the streamed requests of every continuous mixed round: TTFT, TPOT
     try:
-        measured, extra = {}, []
-        servers = (("continuous", CLIENTS, 1), ("one", 1, 1), ("interval", CLIENTS, STREAM_INTERVAL))
-        for label, seqs, interval in servers:
-            serve.run(FTServer.bind(str(models), max_num_seqs=seqs, max_waiting=256, stream_interval=interval),
-                      name=label, route_prefix=f"/{label}")
-            url = f"http://127.0.0.1:{port}/{label}/v1/completions"
-            _run_clients(url, [(_body(0, 8), False)], clients=1)  # warm-up
-            if label == "interval":  # only what the interval changes: the streams
-                extra.append(_stream_row(url, f", stream_interval={interval}"))
-            else:
-                measured[label] = _run_clients(url, mixed)
-            if label == "continuous":
-                extra += [_latency_row(url), _stream_row(url)]
-            serve.delete(label)
+        for label, (seqs, interval) in servers.items():
+            app = FTServer.options(ray_actor_options={"num_cpus": 0.5}).bind(
+                str(models), max_num_seqs=seqs, max_waiting=256, stream_interval=interval)
+            serve.run(app, name=label, route_prefix=f"/{label}")
+            _run_clients(urls[label], [(_body(0, 8), False)], clients=1)  # warm-up
+        latency = _latency_row(urls["continuous"])
+        for k in range(1 if quick else 3):
+            mixed = _mixed(k)
+            (tc, rc), (to, ro) = _run_clients(urls["continuous"], mixed), _run_clients(urls["one"], mixed)
+            tok_c, tok_o = sum(n for *_, n in rc) / tc, sum(n for *_, n in ro) / to
+            rounds["mixed"].append((tok_c / tok_o, tok_c, tok_o))
+            pooled_streams += [r for r, (_, stream) in zip(rc, mixed, strict=True) if stream]
+            rounds["streams"].append(_stream_pair(urls["continuous"], k))
+            rounds["interval"].append(_stream_pair(urls["interval"], k))
     finally:
         _stop()
-    (tc, rc), (to, ro) = measured["continuous"], measured["one"]
-    tok_c, tok_o = sum(n for *_, n in rc) / tc, sum(n for *_, n in ro) / to
-    streams = [r for r, (_, stream) in zip(rc, mixed) if stream]
-    ttft = [first for _, first, _ in streams if first is not None]
-    tpot = [(lat - first) / max(1, n - 1) for lat, first, n in streams if first is not None and n > 1]
+    ttft = [first for _, first, _ in pooled_streams if first is not None]
+    tpot = [(lat - first) / max(1, n - 1) for lat, first, n in pooled_streams if first is not None and n > 1]
+    ratio, tok_c, tok_o = _median_round(rounds["mixed"])
     return [Row("Serve tokens/s, continuous batching / max_num_seqs=1 (16 clients, max_tokens 8-256, half "
-                "streaming)", tok_c / tok_o, "x", ">= 4", f"{tok_c:.0f} vs {tok_o:.0f} tok/s"),
-            *extra,
+                "streaming)", ratio, "x", ">= 4",
+                f"{tok_c:.0f} vs {tok_o:.0f} tok/s{_spread(rounds['mixed'])}"),
+            latency,
+            _stream_row(rounds["streams"]),
+            _stream_row(rounds["interval"], f", stream_interval={STREAM_INTERVAL}"),
             Row("time to first token p50 / p99 (streams of the mixed load)", _pct(ttft, 0.5) * 1e3, "ms", "",
                 f"p99 {_pct(ttft, 0.99) * 1e3:.0f} ms"),
             Row("time per output token p50 / p99 (streams of the mixed load)", _pct(tpot, 0.5) * 1e3, "ms", "",
                 f"p99 {_pct(tpot, 0.99) * 1e3:.1f} ms; decode {tok_c:.0f} tok/s per replica")]
+
+
+def _median_round(rounds: list[tuple]) -> tuple:
+    """The round whose ratio (its first item) is the median (the lower one of an even count)."""
+    return sorted(rounds)[(len(rounds) - 1) // 2]
+
+
+def _spread(rounds: list[tuple]) -> str:
+    return f"; median of {len(rounds)} rounds: " + ", ".join(f"{r[0]:.2f}" for r in rounds) if len(rounds) > 1 else ""
 
 
 def _latency_row(url: str) -> Row:
@@ -224,31 +314,41 @@ def _latency_row(url: str) -> Row:
     idle = statistics.median(_run_clients(url, [(short, False)] * 3, clients=1)[1][i][0] for i in range(3))
 
     async def loaded():
-        async with httpx.AsyncClient(timeout=600) as http:
-            longs = [asyncio.create_task(_request(http, url, _body(20_000 + i, 256), False))
-                     for i in range(CLIENTS - 1)]
+        conns = [_connection(url) for _ in range(CLIENTS)]
+        try:
+            longs = [asyncio.create_task(_request(conn, url, _body(20_000 + i, 256), False))
+                     for i, conn in enumerate(conns[1:])]
             await asyncio.sleep(1.0)  # the long ones are decoding
-            lat, _, _ = await _request(http, url, short, False)
+            lat, _, _ = await _request(conns[0], url, short, False)
             await asyncio.gather(*longs)
             return lat
+        finally:
+            for conn in conns:
+                await conn.close()
 
     busy = asyncio.run(loaded())
     return Row(f"an 8-token request while {CLIENTS - 1} long ones decode / on an idle server", busy / idle, "x",
                "<= 5", f"{busy * 1e3:.0f} vs {idle * 1e3:.0f} ms")
 
 
-def _stream_row(url: str, setting: str = "") -> Row:
-    same = [_body(30_000 + i, STREAM_TOKENS) for i in range(CLIENTS)]
+def _stream_pair(url: str, round_: int) -> tuple[float, float, float, float, float, float, float]:
+    """16 streams, then the same 16 requests unstreamed: (ratio of tokens/s, the two tokens/s, the
+    two walls, the load clients' CPU time for each)."""
+    same = [_body(30_000 + 100 * round_ + i, STREAM_TOKENS) for i in range(CLIENTS)]
     c0 = time.process_time()  # the load clients' CPU (this process), taken from the same 2 cores
     ts, rs = _run_clients(url, [(b, True) for b in same])
     c1 = time.process_time()
     tu, ru = _run_clients(url, [(b, False) for b in same])
     c2 = time.process_time()
     stream_tps, plain_tps = sum(n for *_, n in rs) / ts, sum(n for *_, n in ru) / tu
+    return stream_tps / plain_tps, stream_tps, plain_tps, ts, tu, c1 - c0, c2 - c1
+
+
+def _stream_row(rounds: list[tuple], setting: str = "") -> Row:
+    ratio, stream_tps, plain_tps, ts, tu, cpu_s, cpu_u = _median_round(rounds)
     return Row(f"16 concurrent streams / the same 16 requests unstreamed ({STREAM_TOKENS} tokens), tokens/s{setting}",
-               stream_tps / plain_tps,
-               "x", ">= 0.9", f"{stream_tps:.0f} vs {plain_tps:.0f} tok/s; {ts:.2f} vs {tu:.2f} s wall, the "
-                              f"clients' own CPU time {c1 - c0:.2f} vs {c2 - c1:.2f} s")
+               ratio, "x", ">= 0.9", f"{stream_tps:.0f} vs {plain_tps:.0f} tok/s; {ts:.2f} vs {tu:.2f} s wall, the "
+                                     f"clients' own CPU time {cpu_s:.2f} vs {cpu_u:.2f} s{_spread(rounds)}")
 
 
 def measure_overhead(models: Path, repeats: int) -> dict:
@@ -338,7 +438,8 @@ def run(quick: bool = False) -> list[Row]:
     tmp = Path(tempfile.mkdtemp(prefix="ft-ray-bench-serve-"))
     try:
         models = _bundle(tmp)
-        return engine_rows(models, quick) + ingress_rows(models, quick) + overhead_rows(models, quick)
+        return (engine_rows(models, quick) + engine_loop_rows(models, quick) + ingress_rows(models, quick)
+                + overhead_rows(models, quick))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -351,7 +452,9 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["--engine"]:
         tmp = Path(tempfile.mkdtemp(prefix="ft-ray-bench-engine-"))
         try:
-            print(json.dumps([r.__dict__ for r in engine_rows(_bundle(tmp), quick="--quick" in sys.argv)], indent=2))
+            models, quick = _bundle(tmp), "--quick" in sys.argv
+            print(json.dumps([r.__dict__ for r in engine_rows(models, quick) + engine_loop_rows(models, quick)],
+                             indent=2))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     else:
