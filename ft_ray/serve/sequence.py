@@ -29,7 +29,7 @@ from ft_ray.serve.results import (
     TokenLogprob,
     Usage,
 )
-from ft_ray.serve.text import find_stop, streamable_length
+from ft_ray.serve.text import IncrementalDecoder, find_stop, streamable_length
 
 
 class Row:
@@ -39,7 +39,8 @@ class Row:
         self.seq, self.index, self.seed = seq, index, seed
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.token_ids: list[int] = []
-        self.text = ""
+        self.text = ""  # its tokens' text (decoded a window at a time while it grows)
+        self._decoder = IncrementalDecoder(seq.decode)
         self.sent = 0  # characters of `text` already streamed
         self.finish_reason: str | None = None
         self.codes: PlanCodes | None = None
@@ -91,13 +92,17 @@ class Row:
             self.logprobs.append(logprob)
         if token == self.seq.eos:
             self.finish_reason = "stop"
+            self.text = self.seq.decode(self.token_ids[:-1])  # whole: an incomplete last character shows
         else:
-            text = self.seq.decode(self.token_ids)
-            cut = find_stop(text, req.stop)
+            seen = len(self.text)
+            text = self._decoder.extend(self.token_ids)
+            # a stop string not in the text so far must end in what was just added
+            cut = find_stop(text, req.stop, max(0, seen - max(map(len, req.stop), default=1) + 1))
             if cut is not None:
                 text, self.finish_reason = text[:cut], "stop"
             elif len(self.token_ids) >= req.max_tokens:
                 self.finish_reason = "length"
+                text = self.seq.decode(self.token_ids)  # whole, as above
             self.text = text
         end = len(self.text) if self.finished else streamable_length(self.text, req.stop)
         delta = self.text[self.sent:end]

@@ -12,13 +12,40 @@ prefix-stable), so streamed deltas concatenate to the final text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 REPLACEMENT = "\ufffd"  # what decoders show for bytes that are not (yet) a whole character
 
 
-def find_stop(text: str, stops: list[str]) -> int | None:
-    """Index where the earliest stop string starts in `text`, or None."""
-    hits = [i for s in stops if (i := text.find(s)) >= 0]
+def find_stop(text: str, stops: list[str], start: int = 0) -> int | None:
+    """Index where the earliest stop string starts in `text` at or after `start`, or None."""
+    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
     return min(hits) if hits else None
+
+
+class IncrementalDecoder:
+    """A growing list of token ids -> its text, decoding only a short window per token (vLLM's
+    incremental detokenization), not the whole list: linear in the sample's length, not quadratic.
+
+    The window is the tokens since the text last grew plus the ones that grew it last, so a decoder
+    that reads a token in the context of the previous one (a leading-space rule) sees that context.
+    Text grows only when the window's decoding does not end in U+FFFD (a character still missing
+    bytes); for concatenating decoders (byte-level, character-level) `text` is then exactly the
+    decoding of the whole list up to such a character, which `full` gives at the end.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode, self.text = decode, ""
+        self._prefix = self._read = 0  # token indices: window start, end of the text so far
+
+    def extend(self, ids: list[int]) -> str:
+        """`ids` is the previous list with tokens appended: the text (possibly unchanged)."""
+        old = self.decode(ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        new = self.decode(ids[self._prefix:])
+        if len(new) > len(old) and not new.endswith(REPLACEMENT):
+            self.text += new[len(old):]
+            self._prefix, self._read = self._read, len(ids)
+        return self.text
 
 
 def streamable_length(text: str, stops: list[str]) -> int:
