@@ -131,8 +131,6 @@ def engine_rows(models: Path, quick: bool) -> list[Row]:
                 f"decoded {left} more steps")]
 
 
-
-
 def engine_loop_rows(models: Path, quick: bool) -> list[Row]:
     """The Serve rows' workloads in-process, without HTTP or Ray: the engine's loop thread and
     asyncio clients, as in the replica (one torch thread). What the engine itself reaches on these
@@ -254,8 +252,9 @@ def batching_rows(models: Path, quick: bool) -> list[Row]:
     max_tokens 8-256, half streaming); a short request's latency while 15 long ones decode vs on
     an idle server; 16 streams vs the same 16 requests unstreamed (and with stream_interval); TTFT
     and TPOT percentiles. The three servers are deployed side by side (half a CPU each: only one is
-    loaded at a time) and measured in alternating rounds, medians reported: measuring one after
-    deleting another picked up the teardown (HAProxy drains a deleted app's replica for 30 s)."""
+    loaded at a time) and measured in alternating rounds, medians reported: measured one after
+    another, each after deleting the previous one, the stream_interval row came out below the
+    default one under HAProxy; side by side it is above it, as under the default proxy."""
     from ray import serve
 
     from ft_ray.serve.app import FTServer
