@@ -90,20 +90,20 @@ class Row:
         self.token_ids.append(token)
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(logprob)
+        # the text so far held no stop string: a new one must end in what this token adds
+        start = max(0, len(self.text) - max(map(len, req.stop), default=1) + 1)
         if token == self.seq.eos:
             self.finish_reason = "stop"
-            self.text = self.seq.decode(self.token_ids[:-1])  # whole: an incomplete last character shows
+            text = self.seq.decode(self.token_ids[:-1])  # whole at the end: an incomplete last character shows
         else:
-            seen = len(self.text)
             text = self._decoder.extend(self.token_ids)
-            # a stop string not in the text so far must end in what was just added
-            cut = find_stop(text, req.stop, max(0, seen - max(map(len, req.stop), default=1) + 1))
-            if cut is not None:
-                text, self.finish_reason = text[:cut], "stop"
-            elif len(self.token_ids) >= req.max_tokens:
+            if len(self.token_ids) >= req.max_tokens:
                 self.finish_reason = "length"
                 text = self.seq.decode(self.token_ids)  # whole, as above
-            self.text = text
+        cut = find_stop(text, req.stop, start)
+        if cut is not None:
+            text, self.finish_reason = text[:cut], "stop"
+        self.text = text
         end = len(self.text) if self.finished else streamable_length(self.text, req.stop)
         delta = self.text[self.sent:end]
         self.sent = max(self.sent, end)

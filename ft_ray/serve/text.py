@@ -30,8 +30,8 @@ class IncrementalDecoder:
     The window is the tokens since the text last grew plus the ones that grew it last, so a decoder
     that reads a token in the context of the previous one (a leading-space rule) sees that context.
     Text grows only when the window's decoding does not end in U+FFFD (a character still missing
-    bytes); for concatenating decoders (byte-level, character-level) `text` is then exactly the
-    decoding of the whole list up to such a character, which `full` gives at the end.
+    bytes), so it can lag the whole decoding by a token that holds both whole characters and the
+    first bytes of another; the caller decodes the whole list once, at the end.
     """
 
     def __init__(self, decode: Callable[[list[int]], str]):

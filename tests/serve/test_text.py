@@ -61,3 +61,25 @@ def test_a_decoder_with_a_leading_space_rule_keeps_its_spaces():
 ])
 def test_find_stop_from_an_offset(text, start, expected):
     assert find_stop(text, ["STOP", "END"], start) == expected
+
+
+@pytest.mark.parametrize("end", ["eos", "length"])
+def test_a_stop_string_in_a_token_that_ends_mid_character_is_cut_at_the_end(end):
+    """A token holding a stop string and the first byte of a character leaves the incremental text
+    behind; the whole decoding at the end (EOS or max_tokens) still finds the stop and cuts there."""
+    import torch
+
+    from ft_ray.serve.requests import GenerationRequest
+    from ft_ray.serve.sequence import Sequence
+
+    tok = Tokenizer(models.WordLevel(vocab={"<eos>": 0, "AB": 1, "STOP\u00c3": 2, "\u00a9": 3}, unk_token=None))
+    tok.decoder = decoders.ByteLevel()  # "Ã" is byte 0xC3: a 2-byte character's first byte
+    tok.add_special_tokens(["<eos>"])
+    decode = functools.partial(tok.decode, skip_special_tokens=True)
+    assert decode([1, 2]) == "ABSTOP" + REPLACEMENT
+    req = GenerationRequest("x", max_tokens=2 if end == "length" else 8, stop=["STOP"])
+    row = Sequence(req, [5], 0, [0], [], decode, 0, torch.device("cpu")).rows[0]
+    assert row.push(1) == "AB" and row.push(2) == "" and (row.finish_reason is None) == (end == "eos")
+    if end == "eos":
+        assert row.push(0) == ""
+    assert (row.text, row.finish_reason) == ("AB", "stop")
