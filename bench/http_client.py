@@ -40,22 +40,30 @@ class Reply:
 
 
 class Connection:
-    """One keep-alive connection to host:port, reopened when the server closes it."""
+    """One keep-alive connection to host:port, opened again after a reply that closes it."""
 
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, timeout: float = 600.0):
+        self.host, self.port, self.timeout = host, port, timeout
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
     async def post(self, path: str, body: dict, first_marker: bytes | None = None) -> Reply:
+        """POST `body` as JSON; TimeoutError after `timeout` seconds (the connection is closed)."""
+        try:
+            return await asyncio.wait_for(self._post(path, body, first_marker), self.timeout)
+        except BaseException:
+            await self.close()  # a reply cut short leaves the connection unusable
+            raise
+
+    async def _post(self, path: str, body: dict, first_marker: bytes | None) -> Reply:
         payload = json.dumps(body).encode()
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(payload)}\r\n\r\n").encode()
+        t0 = time.perf_counter()
         if self._writer is None:
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         reader, writer = self._reader, self._writer
         assert reader is not None
-        t0 = time.perf_counter()
         writer.write(head + payload)
         status_line, *header_lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         status = int(status_line.split()[1])
@@ -67,9 +75,10 @@ class Connection:
             data = b""
             while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
                 chunk = (await reader.readexactly(size + 2))[:-2]
-                if first is None and first_marker is not None and first_marker in chunk:
-                    first = time.perf_counter() - t0
                 data = (data + chunk)[-TAIL_BYTES:]
+                # the marker may straddle two chunks: look in the new bytes and the few before them
+                if first is None and first_marker and first_marker in data[-len(chunk) - len(first_marker):]:
+                    first = time.perf_counter() - t0
             await reader.readuntil(b"\r\n")  # no trailers: the empty line that ends the body
         else:  # delimited by the end of the connection
             data = await reader.read()

@@ -40,6 +40,22 @@ async def sse(request: Request):
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+async def split(request: Request):
+    """The first event's marker split over two chunks, after a delay."""
+    async def events():
+        yield 'data: {"id": "x", "choices": [{"te'
+        await asyncio.sleep(0.2)
+        yield 'xt": "a"}]}\n\n'
+        yield 'data: {"id": "x", "choices": [], "usage": {"completion_tokens": 1}}\n\ndata: [DONE]\n\n'
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def slow(request: Request):
+    await asyncio.sleep(1.5)
+    return JSONResponse({"usage": {"completion_tokens": 0}})
+
+
 async def refuse(request: Request):
     return JSONResponse({"error": {"message": "no"}}, status_code=400)
 
@@ -47,7 +63,8 @@ async def refuse(request: Request):
 @pytest.fixture(scope="module")
 def server():
     app = Starlette(routes=[Route("/plain", plain, methods=["POST"]), Route("/sse", sse, methods=["POST"]),
-                            Route("/refuse", refuse, methods=["POST"])])
+                            Route("/refuse", refuse, methods=["POST"]), Route("/split", split, methods=["POST"]),
+                            Route("/slow", slow, methods=["POST"])])
     app.state.clients = []
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
@@ -110,3 +127,30 @@ def test_a_stream_tail_is_read_as_a_stream_whatever_byte_it_starts_with():
     assert Reply(200, tail, True, None).usage() == {"completion_tokens": 9}
     with pytest.raises(RuntimeError, match=r"did not end with \[DONE\]"):
         Reply(200, tail[:-16], True, None).usage()
+
+
+def test_a_marker_split_over_two_chunks_is_timed_when_it_completes(server):
+    _, port = server
+
+    async def main():
+        conn = Connection("127.0.0.1", port)
+        try:
+            return await conn.post("/split", {}, first_marker=b'"text"')
+        finally:
+            await conn.close()
+
+    reply = asyncio.run(main())
+    assert reply.usage() == {"completion_tokens": 1} and reply.first_s is not None and reply.first_s >= 0.2
+
+
+def test_a_reply_that_does_not_come_times_out_and_closes_the_connection(server):
+    _, port = server
+
+    async def main():
+        conn = Connection("127.0.0.1", port, timeout=0.3)
+        with pytest.raises(TimeoutError):
+            await conn.post("/slow", {})
+        assert conn._writer is None
+        return await conn.post("/refuse", {})  # a new connection serves the next request
+
+    assert asyncio.run(main()).status == 400

@@ -90,20 +90,26 @@ class Row:
         self.token_ids.append(token)
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(logprob)
-        # the text so far held no stop string: a new one must end in what this token adds
-        start = max(0, len(self.text) - max(map(len, req.stop), default=1) + 1)
+        whole: list[int] | None = None  # set at the end, or when a stop string shows
+        reason: str | None = None
         if token == self.seq.eos:
-            self.finish_reason = "stop"
-            text = self.seq.decode(self.token_ids[:-1])  # whole at the end: an incomplete last character shows
+            reason, whole = "stop", self.token_ids[:-1]
+        elif len(self.token_ids) >= req.max_tokens:
+            reason, whole = "length", self.token_ids
         else:
-            text = self._decoder.extend(self.token_ids)
-            if len(self.token_ids) >= req.max_tokens:
-                self.finish_reason = "length"
-                text = self.seq.decode(self.token_ids)  # whole, as above
-        cut = find_stop(text, req.stop, start)
-        if cut is not None:
-            text, self.finish_reason = text[:cut], "stop"
-        self.text = text
+            # the text so far held no stop string: a new one must end in what this token adds
+            start = max(0, len(self.text) - max(map(len, req.stop), default=1) + 1)
+            self.text = self._decoder.extend(self.token_ids)
+            if find_stop(self.text, req.stop, start) is not None:
+                whole = self.token_ids
+        if whole is not None:  # decode the whole list once, as it ends: an incomplete last character shows
+            text = self.seq.decode(whole)
+            cut = find_stop(text, req.stop)
+            if cut is not None:
+                self.text, reason = text[:cut], "stop"
+            elif reason is not None:
+                self.text = text
+        self.finish_reason = reason
         end = len(self.text) if self.finished else streamable_length(self.text, req.stop)
         delta = self.text[self.sent:end]
         self.sent = max(self.sent, end)

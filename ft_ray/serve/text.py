@@ -29,9 +29,9 @@ class IncrementalDecoder:
 
     The window is the tokens since the text last grew plus the ones that grew it last, so a decoder
     that reads a token in the context of the previous one (a leading-space rule) sees that context.
-    Text grows only when the window's decoding does not end in U+FFFD (a character still missing
-    bytes), so it can lag the whole decoding by a token that holds both whole characters and the
-    first bytes of another; the caller decodes the whole list once, at the end.
+    The window moves on only when its decoding does not end in U+FFFD (a character still missing
+    bytes); until then `extend` returns the text with the window's whole characters so far, as
+    decoding the whole list would show them. The caller decodes the whole list once, at the end.
     """
 
     def __init__(self, decode: Callable[[list[int]], str]):
@@ -39,13 +39,14 @@ class IncrementalDecoder:
         self._prefix = self._read = 0  # token indices: window start, end of the text so far
 
     def extend(self, ids: list[int]) -> str:
-        """`ids` is the previous list with tokens appended: the text (possibly unchanged)."""
+        """`ids` is the previous list with tokens appended: its text, without an incomplete end."""
         old = self.decode(ids[self._prefix:self._read]) if self._read > self._prefix else ""
         new = self.decode(ids[self._prefix:])
         if len(new) > len(old) and not new.endswith(REPLACEMENT):
             self.text += new[len(old):]
             self._prefix, self._read = self._read, len(ids)
-        return self.text
+            return self.text
+        return self.text + new[len(old):].rstrip(REPLACEMENT) if new.startswith(old) else self.text
 
 
 def streamable_length(text: str, stops: list[str]) -> int:

@@ -63,23 +63,58 @@ def test_find_stop_from_an_offset(text, start, expected):
     assert find_stop(text, ["STOP", "END"], start) == expected
 
 
-@pytest.mark.parametrize("end", ["eos", "length"])
-def test_a_stop_string_in_a_token_that_ends_mid_character_is_cut_at_the_end(end):
-    """A token holding a stop string and the first byte of a character leaves the incremental text
-    behind; the whole decoding at the end (EOS or max_tokens) still finds the stop and cuts there."""
+def _row(decode, stops: list[str], max_tokens: int, eos: int):
     import torch
 
     from ft_ray.serve.requests import GenerationRequest
     from ft_ray.serve.sequence import Sequence
 
+    req = GenerationRequest("x", max_tokens=max_tokens, stop=stops)
+    return Sequence(req, [5], 0, [0], [], decode, eos, torch.device("cpu")).rows[0]
+
+
+def _whole_each_step(decode, ids: list[int], stops: list[str], max_tokens: int, eos: int):
+    """The reference: decode the whole list at every token, stop at the first stop string."""
+    for n in range(1, len(ids) + 1):
+        if ids[n - 1] == eos:
+            return n, decode(ids[:n - 1]), "stop"
+        text = decode(ids[:n])
+        if (cut := find_stop(text, stops)) is not None:
+            return n, text[:cut], "stop"
+        if n >= max_tokens:
+            return n, text, "length"
+    return None
+
+
+def test_rows_stop_where_decoding_the_whole_list_each_step_stops():
+    """Random tokens of a BPE and the byte tokenizer (split characters, invalid bytes, EOS), stop
+    strings drawn from their own text: a row ends at the same token, with the same text and reason,
+    as the reference; its streamed deltas concatenate to that text."""
+    rng = random.Random(1)
+    for tok in (tk.train_bpe([TEXT] * 20, 300), tk.byte_tokenizer()):
+        decode, eos = functools.partial(tok.decode, skip_special_tokens=True), tk.eos_id(tok)
+        for _ in range(300):
+            ids = [rng.randrange(tok.get_vocab_size()) for _ in range(12)]
+            text = decode(ids)
+            i = rng.randrange(max(1, len(text)))
+            stops = [text[i:i + rng.randint(1, 3)].strip(REPLACEMENT) or "@"]
+            max_tokens = rng.randint(1, 12)
+            ref = _whole_each_step(decode, ids, stops, max_tokens, eos)
+            row, streamed, pushed = _row(decode, stops, max_tokens, eos), "", 0
+            while not row.finished:
+                streamed += row.push(ids[pushed])
+                pushed += 1
+            assert ref is not None and (pushed, row.text, row.finish_reason) == ref, (ids, stops, max_tokens)
+            assert streamed == row.text
+
+
+def test_a_stop_string_in_a_token_that_ends_mid_character_stops_the_row_at_that_token():
+    """A token holding a stop string and the first byte of a character: the stop shows at once."""
     tok = Tokenizer(models.WordLevel(vocab={"<eos>": 0, "AB": 1, "STOP\u00c3": 2, "\u00a9": 3}, unk_token=None))
     tok.decoder = decoders.ByteLevel()  # "Ã" is byte 0xC3: a 2-byte character's first byte
     tok.add_special_tokens(["<eos>"])
     decode = functools.partial(tok.decode, skip_special_tokens=True)
     assert decode([1, 2]) == "ABSTOP" + REPLACEMENT
-    req = GenerationRequest("x", max_tokens=2 if end == "length" else 8, stop=["STOP"])
-    row = Sequence(req, [5], 0, [0], [], decode, 0, torch.device("cpu")).rows[0]
-    assert row.push(1) == "AB" and row.push(2) == "" and (row.finish_reason is None) == (end == "eos")
-    if end == "eos":
-        assert row.push(0) == ""
+    row = _row(decode, ["STOP"], 8, 0)
+    assert row.push(1) == "AB" and row.push(2) == ""
     assert (row.text, row.finish_reason) == ("AB", "stop")
