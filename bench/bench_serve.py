@@ -137,12 +137,8 @@ def engine_loop_rows(models: Path, quick: bool) -> list[Row]:
     cores: the ceiling of the Serve rows."""
     import asyncio
 
-    from ft_ray.serve import Engine, GenerationRequest
+    from ft_ray.serve import Engine
     from ft_ray.serve.scheduler import SchedulerConfig
-
-    def request(body: dict) -> GenerationRequest:
-        return GenerationRequest(body["prompt"], max_tokens=body["max_tokens"], temperature=body["temperature"],
-                                 seed=body["seed"], plan=body["plan"])
 
     async def run(engine: Engine, bodies: list[tuple[dict, bool]]) -> float:
         """tokens/s of `bodies` sent by CLIENTS clients, each waiting for its request's end."""
@@ -152,7 +148,7 @@ def engine_loop_rows(models: Path, quick: bool) -> list[Row]:
             nonlocal tokens
             while queue:
                 body, stream = queue.pop(0)
-                handle = engine.submit(request(body), stream=stream)
+                handle = engine.submit(engine.validate(body, {"model"}), stream=stream)  # as the app parses it
                 if not stream:
                     result = await handle  # awaited first: `tokens += await ...` would read `tokens` before
                     tokens += result.usage.completion_tokens
@@ -164,17 +160,21 @@ def engine_loop_rows(models: Path, quick: bool) -> list[Row]:
         await asyncio.gather(*(client() for _ in range(CLIENTS)))
         return tokens / (time.perf_counter() - t0)
 
-    async def main(engines: dict[int, Engine]) -> tuple[list[float], list[float]]:
+    async def main(engines: dict[int, Engine]) -> tuple[list[tuple], list[tuple]]:
+        """Per round (alternating: load from elsewhere hits both arms alike), (ratio, tokens/s of
+        each arm) for the mixed load and for the streams."""
         mixed, streams = [], []
         for e in engines.values():
             e.start()
             await run(e, [(_body(0, 8), False)])  # warm-up
-        for k in range(1 if quick else 3):  # alternating: load from elsewhere hits both alike
+        for k in range(1 if quick else 3):
             bodies = _mixed(k)
-            mixed.append(await run(engines[CLIENTS], bodies) / await run(engines[1], bodies))
+            c, o = await run(engines[CLIENTS], bodies), await run(engines[1], bodies)
             same = [_body(30_000 + 100 * k + i, STREAM_TOKENS) for i in range(CLIENTS)]
-            streams.append(await run(engines[CLIENTS], [(b, True) for b in same])
-                           / await run(engines[CLIENTS], [(b, False) for b in same]))
+            s = await run(engines[CLIENTS], [(b, True) for b in same])
+            u = await run(engines[CLIENTS], [(b, False) for b in same])
+            mixed.append((c / o, c, o))
+            streams.append((s / u, s, u))
         return mixed, streams
 
     threads = torch.get_num_threads()
@@ -188,11 +188,11 @@ def engine_loop_rows(models: Path, quick: bool) -> list[Row]:
         for e in engines.values():
             e.close()
         torch.set_num_threads(threads)
-    spread = f"median of {len(mixed)} alternating rounds: " if len(mixed) > 1 else ""
+    (ratio_m, c, o), (ratio_s, s, u) = _median_round(mixed), _median_round(streams)
     return [Row("engine in-process, the mixed load: continuous / max_num_seqs=1 (no HTTP: the Serve row's ceiling)",
-                statistics.median(mixed), "x", "", spread + ", ".join(f"{m:.2f}" for m in mixed)),
+                ratio_m, "x", "", f"{c:.0f} vs {o:.0f} tok/s{_spread(mixed)}"),
             Row(f"engine in-process: 16 streams / the same 16 unstreamed (max_tokens {STREAM_TOKENS}, no HTTP)",
-                statistics.median(streams), "x", "", spread + ", ".join(f"{m:.2f}" for m in streams))]
+                ratio_s, "x", "", f"{s:.0f} vs {u:.0f} tok/s{_spread(streams)}")]
 
 
 def _mixed(round_: int = 0) -> list[tuple[dict, bool]]:
